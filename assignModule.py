@@ -1,0 +1,289 @@
+"""Step 'assign' (HUDD steps 4-5): pick from the improvement set the unsafe set, the images near the root-cause clusters.
+
+Faithful to the original's ClosestU assignment: each improvement image's heatmap (selected layer,
+predicted class) is compared with the members of every cluster that has more than one member; the
+distance to a cluster is single linkage (the smallest Euclidean distance to a member); images are
+taken greedily, closest first, up to ceil(factor * |c|) images per cluster, each image in at most one
+cluster. The improvement set is streamed: per image only its K distances are kept.
+"""
+import math
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.errors import HUDDError
+from common.files import write_csv
+
+UNSAFE_COLUMNS = ["image", "cluster", "distance", "rank"]
+LABEL_COLUMNS = ["image", "cluster", "label"]
+DEFAULT_FACTOR = 2.0           # the original's quota: 2 * |c| improvement images per cluster
+GIF_SECONDS_PER_FRAME = 0.6    # the original's GIF speed
+GIF_MAX_FRAMES = 100           # the closest images only: a GIF of thousands of frames helps nobody
+ROUND_DIGITS = 9               # factor * |c| is rounded before ceil so that 0.3 * 10 is 3, not 4
+UNLABELLED_SHOWN = 5           # rows named in the "still unlabelled" message
+
+
+# --- distances -------------------------------------------------------------------------------
+
+def _as_rows(array, name):
+    array = np.asarray(array)
+    if array.ndim < 2:
+        raise HUDDError(f"{name}: expected an array of heatmaps (images, ...), got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    return array.reshape(array.shape[0], -1)
+
+
+def _check_clusters(cluster_heatmaps, cluster_labels):
+    members = _as_rows(cluster_heatmaps, "cluster heatmaps")
+    labels = np.asarray(cluster_labels)
+    if labels.shape != (members.shape[0],):
+        raise HUDDError(f"cluster labels: {labels.shape[0] if labels.ndim else 0} labels for "
+                        f"{members.shape[0]} error heatmaps; pass one cluster id per heatmap row "
+                        f"(T/ClusterAnalysis/<Layer>/clusters.csv)")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise HUDDError(f"cluster labels: expected integer cluster ids, got {labels.dtype}")
+    ids, sizes = np.unique(labels, return_counts=True)
+    kept = ids[sizes > 1]
+    if kept.size == 0:
+        raise HUDDError("every root-cause cluster has a single member, so no cluster can attract improvement "
+                        "images; add test images that the DNN gets wrong, or lower --max-clusters")
+    return members, labels, kept, dict(zip(ids.tolist(), sizes.tolist()))
+
+
+class _SingleLinkage:
+    """Smallest Euclidean distance from a batch of heatmaps to the members of each cluster, by matrix products.
+
+    Members and batches are centred on the members' mean first: the distances do not change, and
+    ||a||^2 + ||b||^2 - 2ab loses far less precision in float32 when the norms are small.
+    """
+
+    def __init__(self, members, labels, cluster_ids):
+        keep = np.flatnonzero(np.isin(labels, cluster_ids))
+        owner = np.searchsorted(cluster_ids, labels[keep])
+        by_cluster = np.argsort(owner, kind="stable")
+        members = members[keep[by_cluster]]
+        self.starts = np.searchsorted(owner[by_cluster], np.arange(len(cluster_ids)))
+        self.dim = members.shape[1]
+        self.dtype = np.promote_types(members.dtype, np.float32)
+        self.centre = members.mean(axis=0, dtype=np.float64).astype(self.dtype)
+        self.members = (members - self.centre).astype(self.dtype, copy=False)
+        self.member_sq = np.einsum("ij,ij->i", self.members, self.members, dtype=np.float64)
+
+    def __call__(self, batch):
+        batch = _as_rows(batch, "improvement heatmaps")
+        if batch.shape[1] != self.dim:
+            raise HUDDError(f"improvement heatmaps have {batch.shape[1]} values per image but the cluster "
+                            f"heatmaps have {self.dim}; compute both at the same (selected) layer")
+        batch = (batch - self.centre).astype(self.dtype, copy=False)
+        batch_sq = np.einsum("ij,ij->i", batch, batch, dtype=np.float64)
+        squared = batch_sq[:, None] + self.member_sq[None, :] - 2.0 * (batch @ self.members.T).astype(np.float64)
+        nearest = np.minimum.reduceat(squared, self.starts, axis=1)
+        return np.sqrt(np.maximum(nearest, 0.0))
+
+
+def cluster_distances(cluster_heatmaps, cluster_labels, improvement_batches):
+    """Single-linkage distance of every improvement image to every non-singleton cluster.
+
+    Returns (keys, cluster_ids, distances (M, K)); singleton clusters are left out (the original
+    treated them as noise). Only the (M, K) distances are kept while the batches stream past.
+    """
+    members, labels, cluster_ids, _ = _check_clusters(cluster_heatmaps, cluster_labels)
+    linkage = _SingleLinkage(members, labels, cluster_ids)
+    keys, blocks = [], []
+    for batch_keys, batch in improvement_batches:
+        batch_keys = list(batch_keys)
+        if len(batch_keys) != len(batch):
+            raise HUDDError(f"improvement batch: {len(batch_keys)} keys for {len(batch)} heatmaps")
+        if not batch_keys:
+            continue
+        keys += batch_keys
+        blocks.append(linkage(batch))
+    if len(set(keys)) != len(keys):
+        raise HUDDError("improvement set: an image key appears twice; key images by their path under DataSets/")
+    distances = np.concatenate(blocks) if blocks else np.zeros((0, len(cluster_ids)))
+    return keys, cluster_ids, distances
+
+
+# --- greedy selection ------------------------------------------------------------------------
+
+def cluster_quotas(cluster_sizes, factor=DEFAULT_FACTOR):
+    """ceil(factor * |c|) per cluster; the sum is the number of images the engineer is asked to label."""
+    if not factor > 0:
+        raise HUDDError(f"assign factor {factor}: must be positive (the original uses 2)")
+    return {c: int(math.ceil(round(factor * n, ROUND_DIGITS))) for c, n in cluster_sizes.items()}
+
+
+def greedy_assign(keys, cluster_ids, distances, quotas):
+    """The original's ClosestU selection, without its distance sentinel.
+
+    Round r looks at each still unassigned image's r-th nearest cluster; within a round, images are
+    taken closest first while their cluster is under quota. So an image whose nearest cluster is full
+    overflows to its next nearest one, after the images for which that cluster is the nearest.
+    Ties go to the earlier image, then the lower cluster id. Returns DataFrame[image, cluster, distance,
+    rank], rank = order of selection within the cluster (1 = first, the closest of the first round).
+    """
+    distances = np.asarray(distances, dtype=np.float64)
+    m, k = distances.shape
+    cluster_ids = np.asarray(cluster_ids)
+    remaining = np.array([quotas[int(c)] for c in cluster_ids], dtype=np.int64)
+    order = np.argsort(distances, axis=1, kind="stable")      # each image's clusters, nearest first
+    assigned = np.zeros(m, dtype=bool)
+    rows = []
+    for round_ in range(k):
+        if remaining.sum() == 0 or assigned.all():
+            break
+        candidates = np.flatnonzero(~assigned)
+        clusters = order[candidates, round_]
+        dist = distances[candidates, clusters]
+        for pos in np.lexsort((clusters, candidates, dist)):
+            cluster = clusters[pos]
+            if remaining[cluster] > 0:
+                remaining[cluster] -= 1
+                assigned[candidates[pos]] = True
+                rows.append((keys[candidates[pos]], int(cluster_ids[cluster]), float(dist[pos])))
+    frame = pd.DataFrame(rows, columns=UNSAFE_COLUMNS[:3])
+    frame["rank"] = frame.groupby("cluster").cumcount() + 1
+    frame = frame.sort_values(["cluster", "rank"], kind="stable").reset_index(drop=True)
+    return frame.astype({"cluster": np.int64, "distance": np.float64, "rank": np.int64})
+
+
+def select_unsafe_set(cluster_heatmaps, cluster_labels, improvement_batches, factor=DEFAULT_FACTOR):
+    """The unsafe set: DataFrame[image, cluster, distance, rank] (see greedy_assign).
+
+    cluster_heatmaps: (N, ...) heatmaps of the test error images at the selected layer;
+    cluster_labels: (N,) their cluster ids; improvement_batches: iterable of (image keys, heatmaps (n, ...)).
+    """
+    _, _, _, sizes = _check_clusters(cluster_heatmaps, cluster_labels)
+    keys, cluster_ids, distances = cluster_distances(cluster_heatmaps, cluster_labels, improvement_batches)
+    quotas = cluster_quotas({int(c): sizes[int(c)] for c in cluster_ids}, factor)
+    return greedy_assign(keys, cluster_ids, distances, quotas)
+
+
+def improvement_heatmaps(model, dataset, layer, batch_size, device, rule="hudd", workers=0, progress=True):
+    """Yield (image keys, flattened float32 heatmaps of `layer`) over `dataset` (an ImageSet), batch by batch.
+
+    Relevance starts from the predicted class, as for the error images. Unreadable images are skipped.
+    """
+    import torch
+
+    from common.data import batches
+    from heatmapModule import layer_relevance
+
+    model.eval()
+    for inputs, _, indices, errors in batches(dataset, batch_size, workers, desc=f"heatmaps {layer}",
+                                              progress=progress):
+        keep = [i for i, e in enumerate(errors) if not e]
+        if not keep:
+            continue
+        relevance = layer_relevance(model, inputs[keep].to(device), rule=rule, layers=[layer])[layer]
+        if torch.is_tensor(relevance):
+            relevance = relevance.detach().float().cpu().numpy()
+        keys = [dataset.images[int(indices[i])] for i in keep]
+        yield keys, np.asarray(relevance, dtype=np.float32).reshape(len(keep), -1)
+
+
+# --- the unsafe-set folder -------------------------------------------------------------------
+
+def _copy_name(rank, image):
+    return f"{int(rank):04d}_{Path(image).name}"
+
+
+def _write_gif(path, image_paths):
+    import imageio.v2 as imageio
+    from PIL import Image
+
+    frames, size = [], None
+    for image_path in image_paths[:GIF_MAX_FRAMES]:
+        with Image.open(image_path) as img:
+            img = img.convert("RGB")
+            size = size or img.size
+            frames.append(np.asarray(img if img.size == size else img.resize(size)))
+    if frames:
+        imageio.mimsave(path, frames, format="GIF", duration=GIF_SECONDS_PER_FRAME * 1000, loop=0)
+
+
+def _old_labels(path):
+    if not path.is_file():
+        return {}
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if not {"image", "label"} <= set(frame.columns):
+        return {}
+    return {i: l for i, l in zip(frame["image"], frame["label"]) if l.strip()}
+
+
+def write_unsafe_set(t_dir, unsafe, datasets_dir, labelled):
+    """Write T/UnsafeSet/: unsafe.csv, <cluster>/<rank>_<name> copies, <cluster>_<n>.gif, and labels.csv if unlabelled.
+
+    The folder is built beside the old one and swapped in, so an interrupted write leaves the old set.
+    For a flat (unlabelled) improvement set, labels.csv has an empty label column for the engineer
+    (HUDD step 5); labels already typed for images that are still selected are kept.
+    Returns the path of T/UnsafeSet.
+    """
+    t_dir, datasets_dir = Path(t_dir), Path(datasets_dir)
+    missing = set(UNSAFE_COLUMNS) - set(unsafe.columns)
+    if missing:
+        raise HUDDError(f"unsafe set: missing columns {sorted(missing)}; pass the frame select_unsafe_set returns")
+    target = t_dir / "UnsafeSet"
+    t_dir.mkdir(parents=True, exist_ok=True)
+    old_labels = _old_labels(target / "labels.csv")
+    build = Path(tempfile.mkdtemp(prefix=".UnsafeSet.", dir=t_dir))
+    try:
+        write_csv(build / "unsafe.csv", unsafe[UNSAFE_COLUMNS])
+        for cluster, group in unsafe.groupby("cluster", sort=True):
+            folder = build / str(cluster)
+            folder.mkdir()
+            sources = []
+            for image, rank in zip(group["image"], group["rank"]):
+                source = datasets_dir / image
+                if not source.is_file():
+                    raise HUDDError(f"{source}: improvement image is gone; rerun the assign step "
+                                    f"(python HUDD.py -o CASE -step assign)")
+                shutil.copy2(source, folder / _copy_name(rank, image))
+                sources.append(source)
+            _write_gif(build / f"{cluster}_{len(group)}.gif", sources)
+        if not labelled:
+            labels = unsafe[["image", "cluster"]].copy()
+            labels["label"] = [old_labels.get(i, "") for i in labels["image"]]
+            write_csv(build / "labels.csv", labels)
+        trash = t_dir / f".UnsafeSet.old.{build.name.split('.')[-1]}"
+        if target.exists():
+            target.rename(trash)
+        build.rename(target)
+        shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        if build.exists():
+            shutil.rmtree(build, ignore_errors=True)
+    return target
+
+
+def read_labels(t_dir, classes):
+    """The engineer's labels of the unsafe set, {image: class}, from T/UnsafeSet/labels.csv.
+
+    Raises HUDDError naming the rows still unlabelled, or labels that are not class names.
+    """
+    path = Path(t_dir) / "UnsafeSet" / "labels.csv"
+    if not path.is_file():
+        raise HUDDError(f"{path}: missing; run the assign step first (python HUDD.py -o CASE -step assign), "
+                        f"then write each image's class in its label column")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = set(LABEL_COLUMNS) - set(frame.columns)
+    if missing:
+        raise HUDDError(f"{path}: missing columns {sorted(missing)}; keep the columns image,cluster,label "
+                        f"as the assign step wrote them")
+    frame["label"] = frame["label"].str.strip()
+    empty = frame[frame["label"] == ""]
+    if len(empty):
+        shown = ", ".join(f"row {i + 2} {img}" for i, img in zip(empty.index[:UNLABELLED_SHOWN],
+                                                                  empty["image"][:UNLABELLED_SHOWN]))
+        more = f" and {len(empty) - UNLABELLED_SHOWN} more" if len(empty) > UNLABELLED_SHOWN else ""
+        raise HUDDError(f"{path}: {len(empty)} of {len(frame)} images still unlabelled ({shown}{more}); "
+                        f"write each image's class in the label column, then rerun -step retrain")
+    unknown = sorted(set(frame["label"]) - set(map(str, classes)))
+    if unknown:
+        raise HUDDError(f"{path}: labels {unknown[:UNLABELLED_SHOWN]} are not classes of the model "
+                        f"({', '.join(map(str, classes))}); use one of those names")
+    return dict(zip(frame["image"], frame["label"]))
