@@ -19,7 +19,6 @@ so ``-m NAME`` is all a user passes. Your own torchvision classifier is one call
                       input_size=(3, 64, 64), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 """
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -94,12 +93,15 @@ def load_model(path, device="cpu", trust=False):
     path = Path(path)
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "weights only" not in str(exc).lower():
+            raise HUDDError(f"{path}: not a model file (unreadable pickle); pass a .pth written by "
+                            f"models.save_model") from None
         if not trust:
             raise HUDDError(f"{path}: a full pickle, which can run code when loaded; re-save it with "
                             f"models.save_model, or pass --trust-model if you trust its source") from None
         return _load_trusted(path, device)
-    except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # an arbitrary file fails the unpickler in arbitrary ways
         reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise HUDDError(f"{path}: not a model file ({reason}); pass a .pth written by models.save_model") from None
     if not isinstance(record, dict) or record.get("format") != FORMAT:

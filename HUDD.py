@@ -1,0 +1,80 @@
+"""HUDD command line: `python HUDD.py -o CASE -m MODEL -mode HUDD|BL1|BL2 [-rq True] [-step STEP]`."""
+import argparse
+import sys
+
+import Helper
+from common.errors import HUDDError
+
+
+def boolean(text):
+    """'True'/'False' as the original's flags were written, but really parsed."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "y"):
+        return True
+    if value in ("false", "0", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def parser():
+    defaults = Helper.Options()
+    p = argparse.ArgumentParser(prog="HUDD.py", description="Heatmap-based Unsupervised Debugging of DNNs.")
+    p.add_argument("-o", "--outputPathX", dest="case", required=True, help="the case folder (holds DataSets/)")
+    p.add_argument("-m", "--modelName", dest="model", default="OriginalModel.pth",
+                   help="model file in CASE/DNNModels/ or a path (default: OriginalModel.pth)")
+    p.add_argument("-mode", "--retrainMode", dest="mode", choices=["HUDD", "BL1", "BL2"], default=defaults.mode,
+                   help="how the retraining images are chosen (default: HUDD)")
+    p.add_argument("-rq", dest="rq", type=boolean, default=False, metavar="True|False",
+                   help="compute RQ1 from DataSets/params.csv")
+    p.add_argument("-step", dest="step", choices=list(Helper.STEPS),
+                   help="rerun this one step on the cached T/ folder (earlier missing steps run first)")
+    p.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    p.add_argument("--workers", type=int, default=defaults.workers, help="data-loading processes")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--rule", default=defaults.rule, help="LRP rule preset: hudd, hudd-compat, epsilon, composite")
+    p.add_argument("--heatmap-dtype", choices=["float32", "float16"], default=defaults.heatmap_dtype)
+    p.add_argument("--max-clusters", type=positive_int, default=defaults.max_clusters)
+    p.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="retraining epochs (original: 10)")
+    p.add_argument("--reps", type=positive_int, default=defaults.reps, help="retraining repetitions")
+    p.add_argument("--baseline-budget-factor", type=float, default=defaults.baseline_budget_factor,
+                   help="BL1/BL2 labelling budget as a share of HUDD's (1 = equal; 0.3 = the original code)")
+    p.add_argument("--assign-factor", type=float, default=defaults.assign_factor,
+                   help="unsafe-set quota per cluster, times its size (original: 2)")
+    p.add_argument("--select", choices=["train-accuracy", "val-accuracy"], default=defaults.select,
+                   help="which retraining epoch to keep (original: best training accuracy)")
+    p.add_argument("--trust-model", action="store_true", help="allow loading a full pickle (it can run code)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def options_from(args):
+    fields = {f.name for f in Helper.dataclasses.fields(Helper.Options)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["progress"] = not args.no_progress
+    return Helper.Options(**values)
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        summaries = Helper.run(args.case, args.model, options_from(args), step=args.step)
+    except HUDDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished steps are kept: rerun the same command to resume", file=sys.stderr)
+        return 130
+    print(Helper.summary_text(args.case, summaries))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

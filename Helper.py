@@ -1,0 +1,318 @@
+"""The pipeline: the case folder, the order of HUDD's steps, and the step cache in T/manifest.json.
+
+Each step records the fingerprints of its inputs (model file, data listing, the outputs of the step
+before it, the options that change its result) and of its outputs. On the next run a step whose
+record still matches is skipped, so an interrupted run resumes where it stopped; a step that reruns
+drops the records of every step after it. Only this module knows the order of the steps.
+"""
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import HUDDError
+from common.files import content_hash, file_fingerprint, tree_fingerprint, write_csv, write_json
+
+STEPS = ("test", "heatmaps", "distances", "clusters", "assign", "retrain")
+MANIFEST_VERSION = 1
+
+
+@dataclass
+class Options:
+    """Every typed option of the command line, with the faithful defaults."""
+
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = 0
+    seed: int = 0
+    rule: str = "hudd"
+    heatmap_dtype: str = "float32"
+    max_clusters: int = 500
+    rq: bool = False
+    mode: str = "HUDD"
+    epochs: int = 10
+    reps: int = 1
+    baseline_budget_factor: float = 1.0
+    assign_factor: float = 2.0
+    select: str = "train-accuracy"
+    trust_model: bool = False
+    progress: bool = True
+
+    def subset(self, names):
+        return {name: getattr(self, name) for name in names}
+
+
+# Options that change a step's outputs; a change reruns the step and everything after it.
+STEP_OPTIONS = {
+    "test": (),
+    "heatmaps": ("rule", "heatmap_dtype"),
+    "distances": (),
+    "clusters": ("max_clusters", "rq"),
+    "assign": ("rule", "assign_factor"),
+    "retrain": ("mode", "epochs", "reps", "seed", "baseline_budget_factor", "select"),
+}
+
+
+class Case:
+    """One case folder under analysis with one model; loads what it needs once, lazily."""
+
+    def __init__(self, case_dir, model_name="OriginalModel.pth", options=None):
+        import models
+
+        self.dir = Path(case_dir)
+        self.options = options or Options()
+        if not self.dir.is_dir():
+            raise HUDDError(f"{self.dir}: no such case folder; pass -o with a folder that holds DataSets/ "
+                            f"(python -m casestudies gaze -o {self.dir} builds one)")
+        self.t = self.dir / "T"
+        self.datasets = self.dir / "DataSets"
+        self.model_path = models.resolve_model_path(self.dir, model_name)
+        self._model = self._splits = self._classes = None
+        self._lock = None
+
+    # --- what the steps share -------------------------------------------------------------
+    @property
+    def splits(self):
+        from common.data import list_case
+
+        if self._splits is None:
+            self._splits = list_case(self.dir)
+        return self._splits
+
+    @property
+    def model(self):
+        """(model, meta) with the classes checked against the class folders."""
+        if self._model is None:
+            import models
+            from common.data import resolve_device
+            from testModule import check_classes
+
+            model, meta = models.load_model(self.model_path, resolve_device(self.options.device),
+                                            trust=self.options.trust_model)
+            meta = dict(meta)
+            meta["classes"] = check_classes(meta, self.splits, self.model_path)
+            if meta.get("input_size") is None:
+                raise HUDDError(f"{self.model_path}: the pickled model names no input size; re-save it with "
+                                f"models.save_model(..., input_size=(C, H, W), mean=..., std=...)")
+            self._model = (model, meta)
+        return self._model
+
+    @property
+    def device(self):
+        from common.data import resolve_device
+
+        return resolve_device(self.options.device)
+
+    # --- lock -----------------------------------------------------------------------------
+    def lock(self):
+        """Refuse a second run on the same case folder; the kernel drops the lock if a run is killed."""
+        try:
+            self.t.mkdir(parents=True, exist_ok=True)
+            handle = open(self.t / ".lock", "a+")
+        except PermissionError:
+            raise HUDDError(f"{self.dir}: not writable; HUDD writes its results to {self.t}: copy the case "
+                            f"folder somewhere writable or fix its permissions") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise HUDDError(f"{self.dir}: another HUDD run ({owner}) is using this case folder; wait for it "
+                            f"to finish or stop it") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self):
+        if self._lock:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+    # --- manifest -------------------------------------------------------------------------
+    @property
+    def manifest_path(self):
+        return self.t / "manifest.json"
+
+    def manifest(self):
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+            if data.get("version") == MANIFEST_VERSION:
+                return data
+        except (OSError, ValueError):
+            pass
+        return {"version": MANIFEST_VERSION, "steps": {}}
+
+    def save_manifest(self, data):
+        write_json(self.manifest_path, data)
+
+
+# --- the step cache ---------------------------------------------------------------------------
+
+def _fingerprint(path):
+    path = Path(path)
+    if path.is_dir():
+        return "dir:" + tree_fingerprint(path)
+    if path.is_file():
+        return "file:" + file_fingerprint(path)
+    return "missing"
+
+
+def _digest(obj):
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def step_key(case, name):
+    return f"retrain_{case.options.mode}" if name == "retrain" else name
+
+
+def _inputs(case, name, manifest):
+    """What a step's result depends on: its options and the step before it (or the raw inputs)."""
+    inputs = {"options": case.options.subset(STEP_OPTIONS[name])}
+    if name == "test":
+        inputs["model"] = content_hash(case.model_path)
+        inputs["data"] = tree_fingerprint(case.datasets)
+        return inputs
+    previous = STEPS[STEPS.index(name) - 1]
+    record = manifest["steps"].get(previous)
+    inputs["upstream"] = _digest(record["outputs"]) if record else None
+    if name in ("assign", "retrain"):
+        inputs["model"] = content_hash(case.model_path)
+        inputs["improvement"] = tree_fingerprint(case.datasets / "ImprovementSet")
+    if name == "retrain":
+        inputs["training"] = tree_fingerprint(case.datasets / "TrainingSet")
+        labels = case.t / "UnsafeSet" / "labels.csv"
+        if labels.is_file():
+            inputs["labels"] = content_hash(labels)
+    if name == "clusters" and case.options.rq:
+        params = case.datasets / "params.csv"
+        inputs["params"] = content_hash(params) if params.is_file() else None
+    return inputs
+
+
+def _intact(case, outputs):
+    return all(_fingerprint(case.dir / rel) == fp for rel, fp in outputs.items())
+
+
+def is_current(case, name, manifest=None):
+    manifest = manifest or case.manifest()
+    record = manifest["steps"].get(step_key(case, name))
+    return bool(record) and record["inputs"] == _inputs(case, name, manifest) and _intact(case, record["outputs"])
+
+
+def run_step(case, name, force=False):
+    """Run one step unless its cached result is current; return its record's summary."""
+    manifest = case.manifest()
+    key = step_key(case, name)
+    if not force and is_current(case, name, manifest):
+        print(f"[{name}] up to date (cached in {case.t.name}/); skipped")
+        return manifest["steps"][key]["summary"]
+    # Records stay until the step succeeds: a failed or killed step leaves outputs whose fingerprints no
+    # longer match, so it reruns next time, and so does everything after it.
+    inputs = _inputs(case, name, manifest)
+    started = time.time()
+    print(f"[{name}] running")
+    outputs, summary = STEP_FUNCTIONS[name](case)
+    manifest = case.manifest()
+    for later in STEPS[STEPS.index(name):]:
+        for stale in [k for k in manifest["steps"] if k == later or k.startswith(f"{later}_")]:
+            del manifest["steps"][stale]
+    manifest["steps"][key] = {
+        "inputs": inputs,
+        "outputs": {str(Path(p).relative_to(case.dir)): _fingerprint(p) for p in outputs},
+        "summary": summary,
+        "seconds": round(time.time() - started, 2),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    case.save_manifest(manifest)
+    return summary
+
+
+# --- the steps --------------------------------------------------------------------------------
+
+def _step_test(case):
+    import testModule
+
+    model, meta = case.model
+    frames = testModule.write_results(case.dir, case.splits, model, meta, meta["classes"], case.device,
+                                      case.options.batch_size, case.options.workers, case.model_path)
+    outputs = [case.dir / testModule.RESULT_FILES[name] for name in frames] + [case.t / "skipped.csv"]
+    test = frames["TestSet"]
+    summary = {"test_accuracy": testModule.accuracy_of(test), "test_images": len(test),
+               "test_errors": int((test["result"] == "Wrong").sum()),
+               "skipped": sum(len(s) for s in case.splits.values()) - sum(len(f) for f in frames.values())}
+    if summary["skipped"]:
+        print(f"[test] {summary['skipped']} unreadable images skipped; see {case.t / 'skipped.csv'}")
+    return outputs, summary
+
+
+def error_images(case):
+    """The test set's error images, in testResult.csv order (the rows of every heatmap array)."""
+    from testModule import read_results
+
+    frame = read_results(case.dir / "testResult.csv")
+    wrong = frame[frame["result"] == "Wrong"].reset_index(drop=True)
+    if wrong.empty:
+        raise HUDDError(f"{case.dir / 'testResult.csv'}: the DNN makes no errors on the test set, so there is "
+                        f"nothing to debug; add harder test images or check the model")
+    return wrong
+
+
+STEP_FUNCTIONS = {"test": _step_test}
+
+
+# --- the pipeline -----------------------------------------------------------------------------
+
+def run(case_dir, model_name="OriginalModel.pth", options=None, step=None, until=None):
+    """Run the whole pipeline (or one step, forced, after any missing earlier step); return summaries."""
+    options = options or Options()
+    case = Case(case_dir, model_name, options)
+    case.lock()
+    try:
+        last = step or until or STEPS[-1]
+        summaries = {}
+        for name in STEPS[: STEPS.index(last) + 1]:
+            if name not in STEP_FUNCTIONS:
+                raise HUDDError(f"step {name!r} is not available yet in this version")
+            summaries[name] = run_step(case, name, force=(name == step))
+        return summaries
+    finally:
+        case.unlock()
+
+
+def run_pipeline(case_dir, model_name, options, until="assign"):
+    """The pipeline up to `until` (for RQ2.py); returns the step summaries."""
+    return run(case_dir, model_name, options, until=until)
+
+
+def summary_text(case_dir, summaries):
+    """The short summary printed at the end of every run."""
+    lines = ["", "HUDD summary"]
+    test = summaries.get("test")
+    if test:
+        lines.append(f"  test accuracy        {100 * test['test_accuracy']:.2f}% "
+                     f"({test['test_errors']} errors in {test['test_images']} test images)")
+    clusters = summaries.get("clusters")
+    if clusters:
+        lines.append(f"  best layer           {clusters['best_layer']}  ({clusters['clusters']} root-cause clusters)")
+        if clusters.get("rq1_explained") is not None:
+            lines.append(f"  RQ1 explained        {clusters['rq1_explained']:.1f}% of clusters")
+    assign = summaries.get("assign")
+    if assign:
+        lines.append(f"  unsafe set           {assign['unsafe_images']} improvement images to label")
+    retrain = summaries.get("retrain")
+    if retrain:
+        lines.append(f"  after retraining     {100 * retrain['test_accuracy']:.2f}% "
+                     f"({retrain['mode']}, gain {retrain['gain']:+.2f} points)")
+    report = Path(case_dir) / "T" / "report.html"
+    if report.is_file():
+        lines.append(f"  report               {report.resolve()}")
+    lines.append(f"  results              {Path(case_dir).resolve() / 'T'}")
+    return "\n".join(lines)
