@@ -265,7 +265,131 @@ def error_images(case):
     return wrong
 
 
-STEP_FUNCTIONS = {"test": _step_test}
+def _heatmap_layers(case):
+    """The kept layers of the heatmap step, in forward order, and the error images (heatmap rows)."""
+    import pandas as pd
+
+    layers = pd.read_csv(case.t / "Heatmaps" / "layers.csv")
+    index = pd.read_csv(case.t / "Heatmaps" / "index.csv", keep_default_na=False)
+    kept = layers[layers["kept"].astype(str) == "True"]["layer"].tolist()
+    return kept, index["image"].tolist()
+
+
+def _step_heatmaps(case):
+    import pandas as pd
+
+    import heatmapModule
+    from common.data import ImageSet, ImageSpec
+
+    model, meta = case.model
+    wrong = error_images(case)
+    out = case.t / "Heatmaps"
+    dataset = ImageSet(case.datasets, wrong["image"].tolist(), ImageSpec.from_meta(meta))
+    opts = case.options
+    layers = heatmapModule.write_heatmaps(model, dataset, out, rule=opts.rule, batch_size=opts.batch_size,
+                                          device=case.device, workers=opts.workers, dtype=opts.heatmap_dtype,
+                                          progress=opts.progress)
+    write_csv(out / "index.csv", pd.DataFrame({"row": range(len(wrong)), "image": wrong["image"]}))
+    for stale in out.glob("*.npy"):
+        if stale.stem not in layers:
+            stale.unlink()
+    return [out], {"layers": list(layers), "error_images": len(wrong)}
+
+
+def _step_distances(case):
+    import clusterModule
+
+    layers, images = _heatmap_layers(case)
+    outputs = []
+    for layer in layers:
+        outputs.append(clusterModule.write_distances(case.t / "Heatmaps" / f"{layer}.npy",
+                                                     case.t / f"{layer}HMDistance.npy",
+                                                     xlsx=case.t / f"{layer}HMDistance.xlsx", keys=images))
+        xlsx = case.t / f"{layer}HMDistance.xlsx"
+        if xlsx.is_file():
+            outputs.append(xlsx)
+    return outputs, {"layers": layers, "images": len(images)}
+
+
+def _step_clusters(case):
+    import numpy as np
+
+    import clusterModule
+    import report
+
+    layers, images = _heatmap_layers(case)
+    results = {}
+    for layer in layers:
+        distances = np.load(case.t / f"{layer}HMDistance.npy", mmap_mode="r")
+        results[layer] = clusterModule.cluster_layer(distances, max_clusters=case.options.max_clusters)
+        clusterModule.write_cluster_analysis(case.t, layer, results[layer], images, case.datasets)
+    best = clusterModule.select_best_layer(results)
+    clusterModule.write_summary(case.t, results, best)
+    summary = {"best_layer": best, "clusters": int(results[best]["k"]),
+               "nonsingleton_clusters": int(sum(1 for n in results[best]["sizes"] if n > 1)),
+               "rq1_explained": None}
+    outputs = [case.t / "ClusterAnalysis", case.t / f"Layer{best.removeprefix('Layer')}"]
+    if case.options.rq:
+        rq1 = clusterModule.write_rq1(case.dir, images, results[best]["labels"])
+        if rq1:
+            summary["rq1_explained"] = rq1["explained_percent"]
+            summary["rq1"] = rq1
+            outputs.append(case.dir / "RQ1.xlsx")
+    outputs.append(report.write_report(case.dir))
+    return outputs, summary
+
+
+def selected_clusters(case):
+    """The best layer and its clusters: (layer, images, cluster labels) from T/ClusterAnalysis."""
+    import pandas as pd
+
+    summary = pd.read_csv(case.t / "ClusterAnalysis" / "summary.csv")
+    layer = summary[summary["selected"].astype(str) == "True"]["layer"].iloc[0]
+    clusters = pd.read_csv(case.t / "ClusterAnalysis" / layer / "clusters.csv", keep_default_na=False)
+    return layer, clusters["image"].tolist(), clusters["cluster"].to_numpy()
+
+
+def _step_assign(case):
+    import numpy as np
+
+    import assignModule
+    import report
+    from common.data import ImageSet, ImageSpec
+
+    model, meta = case.model
+    if "ImprovementSet" not in case.splits:
+        raise HUDDError(f"{case.datasets / 'ImprovementSet'}: missing; HUDD step 3 needs an improvement set "
+                        f"(images in class folders, or directly inside when unlabelled)")
+    layer, images, labels = selected_clusters(case)
+    heatmaps = np.load(case.t / "Heatmaps" / f"{layer}.npy", mmap_mode="r")
+    improvement = case.splits["ImprovementSet"]
+    dataset = ImageSet(case.datasets, improvement.images, ImageSpec.from_meta(meta))
+    batches = assignModule.improvement_heatmaps(model, dataset, layer, case.options.batch_size, case.device,
+                                                rule=case.options.rule, workers=case.options.workers,
+                                                progress=case.options.progress)
+    unsafe = assignModule.select_unsafe_set(heatmaps, labels, batches, factor=case.options.assign_factor)
+    folder = assignModule.write_unsafe_set(case.t, unsafe, case.datasets, improvement.labelled)
+    page = report.write_report(case.dir)
+    return [folder, page], {"layer": layer, "unsafe_images": int(len(unsafe)),
+                            "clusters_served": int(unsafe["cluster"].nunique()) if len(unsafe) else 0}
+
+
+def _step_retrain(case):
+    import report
+    import retrainModule
+
+    opts = case.options
+    frame = retrainModule.retrain(case.dir, case.model_path, opts.mode, reps=opts.reps, seed=opts.seed,
+                                  epochs=opts.epochs, select=opts.select, budget_factor=opts.baseline_budget_factor,
+                                  device=opts.device, workers=opts.workers,
+                                  progress=opts.progress)
+    models_written = [case.dir / "DNNModels" / name for name in frame["model"]]
+    page = report.write_report(case.dir)
+    return [case.t / f"retrain_{opts.mode}.csv", *models_written, page], retrainModule.retrain_summary(frame)
+
+
+STEP_FUNCTIONS = {"test": _step_test, "heatmaps": _step_heatmaps, "distances": _step_distances,
+                  "clusters": _step_clusters, "assign": _step_assign, "retrain": _step_retrain}
 
 
 # --- the pipeline -----------------------------------------------------------------------------
@@ -279,8 +403,6 @@ def run(case_dir, model_name="OriginalModel.pth", options=None, step=None, until
         last = step or until or STEPS[-1]
         summaries = {}
         for name in STEPS[: STEPS.index(last) + 1]:
-            if name not in STEP_FUNCTIONS:
-                raise HUDDError(f"step {name!r} is not available yet in this version")
             summaries[name] = run_step(case, name, force=(name == step))
         return summaries
     finally:
