@@ -91,3 +91,438 @@ def train_classifier(model, train_set, *, epochs, device, optimizer=sgd, batch_s
         model.load_state_dict(best_state)
     model.eval()
     return history
+
+
+# --- HUDD steps 6-7: the retraining set, retraining, baselines, repetitions --------------------
+
+DEFAULT_EPOCHS = 10            # the original's GD and OC case studies (TS 12, OD and HPD 13)
+MODES = ("HUDD", "BL1", "BL2")
+SELECTIONS = ("train-accuracy", "val-accuracy", "last")
+DEFAULT_HOLDOUT = 0.1          # share of the training set held out when select="val-accuracy"
+DEFAULT_BUDGET_FACTOR = 1.0    # baselines label as many images as HUDD (the paper); 0.3 = the original code
+RETRAIN_BATCH_SIZE = 128       # the original's
+ROUND_DIGITS = 9               # factor * n is rounded before ceil so that 0.3 * 10 is 3, not 4
+PAD_STREAM = 1                 # padding draws from its own random stream, not the sample's
+RETRAIN_COLUMNS = ["mode", "rep", "seed", "n_labelled", "n_train_added", "n_distinct_added", "epochs",
+                   "best_epoch", "test_accuracy", "original_accuracy", "gain", "improved", "worsened",
+                   "improved_per_cluster", "model"]
+
+
+def rep_seed(seed, rep):
+    """The seed of repetition `rep`: the same for every mode, different for every repetition."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(rep)]).generate_state(1)[0])
+
+
+def balance_unsafe_set(unsafe, cluster_sizes, seed):
+    """HUDD's bootstrap balancing (step 6): per cluster its |c| first-ranked images, duplicated up to max |c|.
+
+    Faithful to the original with its bugs fixed: duplicates are drawn (seeded, with replacement)
+    with weight 1 - d_i / sum(d), so closer images are repeated more, and exactly up to the target;
+    each image stays in its own cluster; a cluster with one image repeats it.
+    Returns DataFrame[image, cluster, duplicate], clusters in ascending order.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from common.errors import HUDDError
+
+    rng = np.random.default_rng(seed)
+    present = sorted(int(c) for c in unsafe["cluster"].unique())
+    unknown = [c for c in present if c not in cluster_sizes]
+    if unknown:
+        raise HUDDError(f"unsafe set: clusters {unknown[:5]} are not in the selected layer's clusters.csv; "
+                        f"rerun the assign step (python HUDD.py -o CASE -step assign)")
+    if not present:
+        return pd.DataFrame({"image": [], "cluster": [], "duplicate": []})
+    target = max(int(cluster_sizes[c]) for c in present)
+    parts = []
+    for cluster in present:
+        group = unsafe[unsafe["cluster"] == cluster].sort_values("rank", kind="stable")
+        group = group.head(int(cluster_sizes[cluster]))
+        kept = list(group["image"])
+        distance = group["distance"].to_numpy(dtype=np.float64)
+        extra = target - len(kept)
+        if extra > 0:
+            weights = 1.0 - distance / distance.sum() if len(kept) > 1 and distance.sum() > 0 else None
+            if weights is not None:
+                weights = weights / weights.sum()
+            picks = rng.choice(len(kept), size=extra, replace=True, p=weights)
+            kept_dup = [kept[i] for i in picks]
+        else:
+            kept_dup = []
+        parts.append(pd.DataFrame({"image": kept + kept_dup, "cluster": cluster,
+                                   "duplicate": [False] * len(kept) + [True] * len(kept_dup)}))
+    return pd.concat(parts, ignore_index=True)
+
+
+def baseline_budget(n_labelled, factor=DEFAULT_BUDGET_FACTOR):
+    """How many improvement images a baseline may label: factor x the number HUDD asked to label."""
+    import math
+
+    from common.errors import HUDDError
+
+    if not factor > 0:
+        raise HUDDError(f"--baseline-budget-factor {factor}: must be positive (1 = HUDD's budget, 0.3 = the "
+                        f"original code)")
+    return int(math.ceil(round(factor * n_labelled, ROUND_DIGITS)))
+
+
+def draw_bl2(images, budget, seed):
+    """BL2: `budget` distinct improvement images drawn uniformly at random."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(images), size=min(budget, len(images)), replace=False)
+    return [images[i] for i in sorted(picks)]
+
+
+def draw_bl1(images, wrong, budget, seed):
+    """BL1: the images the original DNN gets wrong among a BL2 draw from the whole improvement set."""
+    wrong_of = dict(zip(images, wrong))
+    return [image for image in draw_bl2(images, budget, seed) if wrong_of[image]]
+
+
+def pad_by_bootstrap(images, size, seed):
+    """Duplicate uniformly drawn images (seeded) until the list has `size` entries, as the original padded BL1/BL2."""
+    import numpy as np
+
+    if not images or len(images) >= size:
+        return list(images)
+    picks = np.random.default_rng([seed, PAD_STREAM]).choice(len(images), size=size - len(images), replace=True)
+    return list(images) + [images[i] for i in picks]
+
+
+def retraining_images(mode, unsafe, cluster_sizes, improvement, wrong, seed, budget_factor=DEFAULT_BUDGET_FACTOR,
+                      pad_baselines=True):
+    """The improvement images a repetition adds to the training set (with duplicates), and how many were labelled.
+
+    HUDD: the balanced unsafe set; the engineer labelled the whole unsafe set. BL1/BL2: a fresh draw
+    of baseline_budget(len(unsafe)) images for this seed; with `pad_baselines` (the original) a draw
+    smaller than HUDD's balanced set is bootstrapped up to its size, so no mode adds fewer training images.
+    """
+    from common.errors import HUDDError
+
+    if mode not in MODES:
+        raise HUDDError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+    balanced = balance_unsafe_set(unsafe, cluster_sizes, seed)
+    if mode == "HUDD":
+        return list(balanced["image"]), len(unsafe)
+    budget = baseline_budget(len(unsafe), budget_factor)
+    if mode == "BL2":
+        sample = draw_bl2(list(improvement), budget, seed)
+    else:
+        sample = draw_bl1(list(improvement), list(wrong), budget, seed)
+    if pad_baselines:
+        sample = pad_by_bootstrap(sample, len(balanced), seed)
+    return sample, min(budget, len(improvement))
+
+
+def read_cluster_members(case_dir):
+    """The selected layer's clusters: DataFrame[image, cluster] of the test error images, from T/ClusterAnalysis/."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from common.errors import HUDDError
+
+    root = Path(case_dir) / "T" / "ClusterAnalysis"
+    summary = root / "summary.csv"
+    if not summary.is_file():
+        raise HUDDError(f"{summary}: missing; run the clusters step first (python HUDD.py -o CASE -step clusters)")
+    frame = pd.read_csv(summary)
+    selected = frame[frame["selected"].astype(str).str.lower() == "true"]["layer"].tolist()
+    if len(selected) != 1:
+        raise HUDDError(f"{summary}: {len(selected)} layers marked selected; rerun the clusters step")
+    path = root / selected[0] / "clusters.csv"
+    if not path.is_file():
+        raise HUDDError(f"{path}: missing; rerun the clusters step (python HUDD.py -o CASE -step clusters)")
+    return pd.read_csv(path, dtype={"image": str}, keep_default_na=False)
+
+
+def read_unsafe(case_dir):
+    from pathlib import Path
+
+    import pandas as pd
+
+    from common.errors import HUDDError
+
+    path = Path(case_dir) / "T" / "UnsafeSet" / "unsafe.csv"
+    if not path.is_file():
+        raise HUDDError(f"{path}: missing; run the assign step first (python HUDD.py -o CASE -step assign)")
+    unsafe = pd.read_csv(path, dtype={"image": str}, keep_default_na=False)
+    missing = {"image", "cluster", "distance", "rank"} - set(unsafe.columns)
+    if missing:
+        raise HUDDError(f"{path}: missing columns {sorted(missing)}; rerun the assign step")
+    return unsafe
+
+
+def _unsafe_labels(case_dir, unsafe, splits, classes):
+    """Labels of the unsafe set: the class folders (simulated step 5) or the engineer's labels.csv."""
+    from pathlib import Path
+
+    import assignModule
+    from common.errors import HUDDError
+
+    improvement = splits["ImprovementSet"]
+    if not improvement.labelled:
+        return assignModule.read_labels(Path(case_dir) / "T", classes)
+    label_of = dict(zip(improvement.images, improvement.labels))
+    gone = [i for i in unsafe["image"] if i not in label_of]
+    if gone:
+        raise HUDDError(f"T/UnsafeSet/unsafe.csv: {len(gone)} images are no longer in DataSets/ImprovementSet "
+                        f"(first: {gone[0]}); rerun the assign step")
+    return {i: label_of[i] for i in unsafe["image"]}
+
+
+def _holdout_split(n, fraction, seed):
+    import numpy as np
+
+    from common.errors import HUDDError
+
+    if not 0 < fraction < 1:
+        raise HUDDError(f"holdout {fraction}: must be between 0 and 1 (e.g. 0.1)")
+    order = np.random.default_rng(seed).permutation(n)
+    held = max(1, int(round(fraction * n)))
+    return sorted(order[held:]), sorted(order[:held])
+
+
+def _save_retrained(case_dir, model, meta, model_path, mode, rep, test_accuracy, info):
+    """Save DNNModels/<mode>_<rep>_<accuracy>.pth with the original's metadata; drop this rep's older file."""
+    import re
+    from pathlib import Path
+
+    import models
+    from common.files import save_torch
+
+    folder = Path(case_dir) / "DNNModels"
+    pattern = re.compile(rf"^{re.escape(mode)}_{rep}_\d+(\.\d+)?\.pth$")
+    target = folder / f"{mode}_{rep}_{100 * test_accuracy:.2f}.pth"
+    if meta.get("trusted_pickle"):
+        save_torch(target, model.cpu())
+    else:
+        extra = dict(meta.get("extra") or {})
+        extra["retrained"] = dict(info, base_model=Path(model_path).name)
+        models.save_model(target, model, meta["arch"], meta["classes"], meta["input_size"], meta["mean"],
+                          meta["std"], arch_args=meta.get("arch_args"), task=meta.get("task", "classification"),
+                          preprocess=meta.get("preprocess", "exact"), extra=extra)
+    for old in folder.glob(f"{mode}_{rep}_*.pth"):
+        if pattern.match(old.name) and old != target and old.resolve() != Path(model_path).resolve():
+            old.unlink()
+    return target
+
+
+def _per_cluster(improved_images, members):
+    improved = set(improved_images)
+    counts = members.assign(hit=members["image"].isin(improved)).groupby("cluster")["hit"].sum()
+    return ";".join(f"{int(c)}:{int(n)}" for c, n in counts.items())
+
+
+def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT_EPOCHS, select="train-accuracy",
+            holdout=DEFAULT_HOLDOUT, budget_factor=DEFAULT_BUDGET_FACTOR, pad_baselines=True, device="auto",
+            batch_size=RETRAIN_BATCH_SIZE, workers=0, progress=True):
+    """HUDD step 7 (or a baseline), `reps` times: retrain the analysed model on the training set + the mode's images.
+
+    Each repetition starts from the model file's weights, trains with SGD (lr 1e-3, momentum 0.9,
+    weight decay 5e-4) for `epochs` epochs and keeps the best epoch by `select` ("train-accuracy":
+    the original; "val-accuracy": accuracy on a held-out `holdout` share of the training set; "last").
+    Saves DNNModels/<mode>_<rep>_<test accuracy %>.pth and T/retrain_<mode>.csv (RETRAIN_COLUMNS, one
+    row per repetition, written after each one; test_accuracy a fraction, gain in percentage points;
+    improved/worsened = test images whose result changed against testResult.csv). Returns that table.
+    """
+    from pathlib import Path
+
+    import numpy as np
+    import pandas as pd
+
+    import models
+    import testModule
+    from common.data import ImageSet, ImageSpec, list_case, resolve_device
+    from common.errors import HUDDError
+    from common.files import write_csv
+
+    if mode not in MODES:
+        raise HUDDError(f"mode {mode!r}: use one of {', '.join(MODES)}")
+    if select not in SELECTIONS:
+        raise HUDDError(f"select {select!r}: use one of {', '.join(SELECTIONS)}")
+    if reps < 1 or epochs < 1:
+        raise HUDDError(f"reps={reps}, epochs={epochs}: both must be at least 1")
+    case_dir = Path(case_dir)
+    device = resolve_device(device)
+    datasets = case_dir / "DataSets"
+    _, meta = models.load_model(model_path, "cpu")
+    splits = list_case(case_dir, need=("TrainingSet", "TestSet", "ImprovementSet"))
+    classes = testModule.check_classes(meta, splits, model_path)
+    spec = ImageSpec.from_meta(meta)
+    unsafe = read_unsafe(case_dir)
+    members = read_cluster_members(case_dir)
+    cluster_sizes = members["cluster"].value_counts().to_dict()
+    tested = testModule.read_results(case_dir / "testResult.csv")
+    improvement = testModule.read_results(case_dir / "improveResult.csv")
+    if mode == "HUDD":
+        label_of = _unsafe_labels(case_dir, unsafe, splits, classes)
+    elif not splits["ImprovementSet"].labelled:
+        raise HUDDError(f"{datasets / 'ImprovementSet'}: {mode} simulates labelling random improvement images, "
+                        f"so it needs the improvement set in class folders; use -mode HUDD for a flat set")
+    else:
+        label_of = dict(zip(improvement["image"], improvement["expected"]))
+    train = splits["TrainingSet"]
+    test_images = list(tested["image"])
+    test_targets = [classes.index(c) for c in tested["expected"]]
+    was_correct = (tested["result"] == "Correct").to_numpy()
+    original_accuracy = float(was_correct.mean())
+    test_set = ImageSet(datasets, test_images, spec, test_targets)
+    out_csv = case_dir / "T" / f"retrain_{mode}.csv"
+    rows = []
+    for rep in range(1, reps + 1):
+        seed_r = rep_seed(seed, rep)
+        added, n_labelled = retraining_images(mode, unsafe, cluster_sizes, improvement["image"].tolist(),
+                                              (improvement["result"] == "Wrong").tolist(), seed_r,
+                                              budget_factor, pad_baselines)
+        images = list(train.images)
+        targets = [classes.index(c) for c in train.labels]
+        val_set = None
+        if select == "val-accuracy":
+            fit, held = _holdout_split(len(images), holdout, seed_r)
+            val_set = ImageSet(datasets, [images[i] for i in held], spec, [targets[i] for i in held])
+            images, targets = [images[i] for i in fit], [targets[i] for i in fit]
+        images += added
+        targets += [classes.index(label_of[i]) for i in added]
+        model, _ = models.load_model(model_path, device)
+        history = train_classifier(model, ImageSet(datasets, images, spec, targets), epochs=epochs, device=device,
+                                   optimizer=sgd, batch_size=batch_size, seed=seed_r, workers=workers,
+                                   select=select, val_set=val_set, desc=f"{mode} rep {rep}/{reps}", progress=progress)
+        logits, skipped = testModule.predict(model, test_set, device, batch_size, workers)
+        now_correct = np.array([i not in skipped and int(np.argmax(row)) == t
+                                for i, (row, t) in enumerate(zip(logits, test_targets))])
+        test_accuracy = float(now_correct.mean())
+        improved = [img for img, a, b in zip(test_images, was_correct, now_correct) if not a and b]
+        best = _best_epoch(history, select)
+        info = {"mode": mode, "rep": rep, "seed": seed_r, "epochs": epochs, "best_epoch": best, "select": select}
+        saved = _save_retrained(case_dir, model, meta, model_path, mode, rep, test_accuracy, info)
+        rows.append({"mode": mode, "rep": rep, "seed": seed_r, "n_labelled": n_labelled,
+                     "n_train_added": len(added), "n_distinct_added": len(set(added)), "epochs": epochs,
+                     "best_epoch": best, "test_accuracy": test_accuracy, "original_accuracy": original_accuracy,
+                     "gain": 100 * (test_accuracy - original_accuracy), "improved": len(improved),
+                     "worsened": int((was_correct & ~now_correct).sum()),
+                     "improved_per_cluster": _per_cluster(improved, members), "model": saved.name})
+        write_csv(out_csv, pd.DataFrame(rows, columns=RETRAIN_COLUMNS))
+    return pd.DataFrame(rows, columns=RETRAIN_COLUMNS)
+
+
+def _best_epoch(history, select):
+    key = {"train-accuracy": "train_accuracy", "val-accuracy": "val_accuracy"}.get(select)
+    if key is None:
+        return len(history)
+    scores = [h[key] for h in history]
+    return 1 + scores.index(max(scores))
+
+
+def retrain_summary(frame):
+    """What the run summary prints: the mode, mean test accuracy (fraction) and mean gain (points)."""
+    return {"mode": str(frame["mode"].iloc[0]), "reps": int(len(frame)),
+            "test_accuracy": float(frame["test_accuracy"].mean()), "gain": float(frame["gain"].mean()),
+            "improved": float(frame["improved"].mean()), "worsened": float(frame["worsened"].mean())}
+
+
+# --- RQ2: HUDD against BL1 and BL2 -----------------------------------------------------------
+
+def a12(x, y):
+    """Vargha-Delaney A12: the probability that a value of x beats one of y (ties count half)."""
+    import numpy as np
+
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.size == 0 or y.size == 0:
+        return float("nan")
+    greater = (x[:, None] > y[None, :]).sum()
+    ties = (x[:, None] == y[None, :]).sum()
+    return float((greater + 0.5 * ties) / (x.size * y.size))
+
+
+def mann_whitney_p(x, y):
+    """Two-sided Mann-Whitney U p-value (scipy; exact for small samples without ties)."""
+    from scipy.stats import mannwhitneyu
+
+    if len(x) == 0 or len(y) == 0:
+        return float("nan")
+    return float(mannwhitneyu(x, y, alternative="two-sided").pvalue)
+
+
+def rq2_table(results, reference="HUDD"):
+    """Per mode: repetitions, mean/std/min/max of test accuracy (%) and gain (points), and for each
+    other mode the Mann-Whitney p-value and A12 of `reference` against it (on test accuracy)."""
+    import pandas as pd
+
+    from common.errors import HUDDError
+
+    missing = {"mode", "test_accuracy", "gain"} - set(results.columns)
+    if missing:
+        raise HUDDError(f"RQ2 results: missing columns {sorted(missing)}; pass the retrain_<mode>.csv rows")
+    order = [m for m in MODES if m in set(results["mode"])] + sorted(set(results["mode"]) - set(MODES))
+    ref = results.loc[results["mode"] == reference, "test_accuracy"].to_numpy()
+    rows = []
+    for mode in order:
+        part = results[results["mode"] == mode]
+        acc, gain = 100 * part["test_accuracy"], part["gain"]
+        row = {"mode": mode, "reps": len(part)}
+        for name, values in (("accuracy", acc), ("gain", gain)):
+            row.update({f"{name}_mean": values.mean(), f"{name}_std": values.std(ddof=1) if len(values) > 1 else
+                        float("nan"), f"{name}_min": values.min(), f"{name}_max": values.max()})
+        other = part["test_accuracy"].to_numpy()
+        row[f"p_value_{reference}_vs"] = float("nan") if mode == reference else mann_whitney_p(ref, other)
+        row[f"a12_{reference}_vs"] = float("nan") if mode == reference else a12(ref, other)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def write_rq2(case_dir, results, reference="HUDD"):
+    """Write CASE/RQ2.csv, CASE/RQ2.xlsx (table + repetitions) and CASE/RQ2_boxplot.png; return the table."""
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from common.files import atomic_path, write_csv
+
+    case_dir = Path(case_dir)
+    table = rq2_table(results, reference)
+    write_csv(case_dir / "RQ2.csv", table)
+    with atomic_path(case_dir / "RQ2.xlsx") as tmp:
+        with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
+            table.to_excel(writer, sheet_name="RQ2", index=False)
+            results.to_excel(writer, sheet_name="repetitions", index=False)
+    modes = list(table["mode"])
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+    for ax, column, scale, title in ((axes[0], "test_accuracy", 100, "test accuracy (%)"),
+                                     (axes[1], "gain", 1, "gain over the original (points)")):
+        ax.boxplot([scale * results.loc[results["mode"] == m, column].to_numpy() for m in modes])
+        ax.set_xticks(range(1, len(modes) + 1), modes)
+        ax.set_title(title)
+    fig.suptitle(f"RQ2: {case_dir.name}, {int(table['reps'].max())} repetitions per mode")
+    fig.tight_layout()
+    with atomic_path(case_dir / "RQ2_boxplot.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return table
+
+
+def run_rq2(case_dir, model_path, modes=MODES, reps=10, **options):
+    """RQ2: `reps` retrainings per mode with the same seeds per repetition, then write_rq2. Returns (table, results).
+
+    `options` go to retrain (seed, epochs, select, budget_factor, device, batch_size, ...).
+    """
+    import pandas as pd
+
+    from common.errors import HUDDError
+
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise HUDDError(f"-modes {','.join(modes)}: use a comma-separated subset of {','.join(MODES)}")
+    results = pd.concat([retrain(case_dir, model_path, mode, reps=reps, **options) for mode in modes],
+                        ignore_index=True)
+    reference = "HUDD" if "HUDD" in modes else modes[0]
+    return write_rq2(case_dir, results, reference), results
