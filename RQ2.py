@@ -1,0 +1,122 @@
+"""RQ2 of the HUDD paper: does retraining on HUDD's unsafe set beat BL1 and BL2 at the same labelling budget?
+
+    python RQ2.py -o CASE -m MODEL [-reps N] [-modes HUDD,BL1,BL2] [--epochs E] [--seed S]
+
+Runs the pipeline up to the unsafe set (cached steps are skipped), then retrains the model N times
+per mode, repetition r using the same seed in every mode, and writes CASE/RQ2.csv, CASE/RQ2.xlsx and
+CASE/RQ2_boxplot.png (mean, std, min, max of test accuracy and gain; Mann-Whitney U p-value and
+Vargha-Delaney A12 of HUDD against each baseline). Each repetition's model is kept in DNNModels/.
+"""
+import argparse
+import sys
+
+import Helper
+import retrainModule
+from common.errors import HUDDError
+
+DEFAULT_REPS = 10              # the original's repetitions per mode
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def mode_list(text):
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in retrainModule.MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(retrainModule.MODES)}, "
+                                         f"got {text!r}")
+    return modes
+
+
+def parser():
+    defaults = Helper.Options()
+    p = argparse.ArgumentParser(prog="RQ2.py", description="RQ2: HUDD against BL1 and BL2 over repeated retrainings.")
+    p.add_argument("-o", "--outputPathX", dest="case", required=True, help="the case folder (holds DataSets/)")
+    p.add_argument("-m", "--modelName", dest="model", default="OriginalModel.pth",
+                   help="model file in CASE/DNNModels/ or a path (default: OriginalModel.pth)")
+    p.add_argument("-reps", "--reps", dest="reps", type=positive_int, default=DEFAULT_REPS,
+                   help=f"retrainings per mode (default: {DEFAULT_REPS}, as the original)")
+    p.add_argument("-modes", "--modes", dest="modes", type=mode_list, default=list(retrainModule.MODES),
+                   help="comma-separated modes (default: HUDD,BL1,BL2)")
+    p.add_argument("--epochs", type=positive_int, default=retrainModule.DEFAULT_EPOCHS,
+                   help=f"retraining epochs (default: {retrainModule.DEFAULT_EPOCHS}, the original's GD/OC)")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="base seed; repetition r uses the same seed "
+                   "in every mode")
+    p.add_argument("--baseline-budget-factor", type=float, default=retrainModule.DEFAULT_BUDGET_FACTOR,
+                   help="BL1/BL2 labelling budget as a share of HUDD's (1 = equal; 0.3 = the original code)")
+    p.add_argument("--select", choices=list(retrainModule.SELECTIONS), default=defaults.select,
+                   help="which retraining epoch to keep (original: best training accuracy; val-accuracy holds out "
+                        f"{retrainModule.DEFAULT_HOLDOUT:.0%} of the training set)")
+    p.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                   help="batch size of the pipeline steps (test, heatmaps, assign)")
+    p.add_argument("--retrain-batch-size", type=positive_int, default=retrainModule.RETRAIN_BATCH_SIZE,
+                   help=f"retraining batch size (default: {retrainModule.RETRAIN_BATCH_SIZE}, the original's)")
+    p.add_argument("--workers", type=int, default=defaults.workers, help="data-loading processes")
+    p.add_argument("--rule", default=defaults.rule, help="LRP rule preset for the pipeline steps")
+    p.add_argument("--assign-factor", type=float, default=defaults.assign_factor,
+                   help="unsafe-set quota per cluster, times its size (original: 2)")
+    p.add_argument("--trust-model", action="store_true", help="allow loading a full pickle (it can run code)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def pipeline_options(args):
+    """The Helper options for the steps up to the unsafe set, from this command line."""
+    return Helper.Options(device=args.device, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
+                          rule=args.rule, assign_factor=args.assign_factor, epochs=args.epochs, reps=args.reps,
+                          baseline_budget_factor=args.baseline_budget_factor, select=args.select,
+                          trust_model=args.trust_model, progress=not args.no_progress)
+
+
+def run(args):
+    """Pipeline to the unsafe set, then the repetitions under the case folder's lock; returns the RQ2 table."""
+    options = pipeline_options(args)
+    Helper.run_pipeline(args.case, args.model, options, until="assign")
+    case = Helper.Case(args.case, args.model, options)
+    case.lock()
+    try:
+        table, _ = retrainModule.run_rq2(case.dir, case.model_path, args.modes, reps=args.reps, seed=args.seed,
+                                         epochs=args.epochs, select=args.select,
+                                         budget_factor=args.baseline_budget_factor, device=args.device,
+                                         batch_size=args.retrain_batch_size, workers=args.workers,
+                                         progress=options.progress)
+        _refresh_report(case.dir)
+    finally:
+        case.unlock()
+    return table
+
+
+def _refresh_report(case_dir):
+    try:
+        import report
+    except ImportError:
+        return
+    report.write_report(case_dir)
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    try:
+        table = run(args)
+    except HUDDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; the models of finished repetitions are in DNNModels/", file=sys.stderr)
+        return 130
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table.round(4).to_string(index=False))
+    print(f"\nRQ2 table: {args.case}/RQ2.csv (.xlsx), boxplot: {args.case}/RQ2_boxplot.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
