@@ -278,11 +278,11 @@ def _heatmap_layers(case):
 def _step_heatmaps(case):
     import pandas as pd
 
-    import heatmapModule
     from common.data import ImageSet, ImageSpec
 
-    model, meta = case.model
     wrong = error_images(case)
+    model, meta = case.model
+    import heatmapModule
     out = case.t / "Heatmaps"
     dataset = ImageSet(case.datasets, wrong["image"].tolist(), ImageSpec.from_meta(meta))
     opts = case.options

@@ -1,0 +1,88 @@
+"""The whole pipeline as a user meets it: all steps, resume after a kill, determinism."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+import Helper
+from conftest import ROOT, make_tiny_case
+
+FAST = ["--epochs", "2", "--no-progress", "--seed", "3"]
+
+
+def hudd_cmd(case, *extra):
+    return [sys.executable, "HUDD.py", "-o", str(case), "-m", "OriginalModel.pth", "-mode", "HUDD", *FAST, *extra]
+
+
+def results_of(case):
+    """What a user compares between runs: clusters, unsafe set, retrained accuracy."""
+    layer, images, labels = Helper.selected_clusters(Helper.Case(case))
+    unsafe = pd.read_csv(case / "T" / "UnsafeSet" / "unsafe.csv")
+    retrain = pd.read_csv(case / "T" / "retrain_HUDD.csv")
+    return {"layer": layer, "clusters": list(zip(images, labels.tolist())),
+            "unsafe": unsafe[["image", "cluster", "rank"]].values.tolist(),
+            "distances": unsafe["distance"].round(6).tolist(),
+            "accuracy": retrain["test_accuracy"].tolist()}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    case = make_tiny_case(tmp_path_factory.mktemp("ref") / "case")
+    run = subprocess.run(hudd_cmd(case), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return case, run.stdout
+
+
+def test_full_run_writes_every_step_and_prints_a_summary(reference_run):
+    case, stdout = reference_run
+    manifest = json.loads((case / "T" / "manifest.json").read_text())
+    assert set(manifest["steps"]) == {"test", "heatmaps", "distances", "clusters", "assign", "retrain_HUDD"}
+    for needle in ("test accuracy", "best layer", "unsafe set", "after retraining", "report.html"):
+        assert needle in stdout, stdout
+    assert (case / "T" / "report.html").is_file()
+    assert list((case / "DNNModels").glob("HUDD_1_*.pth"))
+
+
+def test_second_run_recomputes_nothing(reference_run):
+    case, _ = reference_run
+    before = json.loads((case / "T" / "manifest.json").read_text())
+    run = subprocess.run(hudd_cmd(case), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.count("up to date") == 6
+    after = json.loads((case / "T" / "manifest.json").read_text())
+    assert {k: v["outputs"] for k, v in before["steps"].items()} == {k: v["outputs"] for k, v in after["steps"].items()}
+
+
+def test_same_seed_gives_identical_results(reference_run, tmp_path):
+    case, _ = reference_run
+    twin = make_tiny_case(tmp_path / "case")
+    run = subprocess.run(hudd_cmd(twin), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert results_of(twin) == results_of(case)
+
+
+@pytest.mark.parametrize("kill_at", ["[heatmaps] running", "[clusters] running", "[retrain] running"])
+def test_killed_run_resumes_to_the_same_results(reference_run, tmp_path, kill_at):
+    case, _ = reference_run
+    victim = make_tiny_case(tmp_path / "case")
+    proc = subprocess.Popen(hudd_cmd(victim), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, bufsize=1)
+    for line in proc.stdout:
+        if line.startswith(kill_at):
+            time.sleep(0.2)
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+    proc.wait(timeout=600)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    finished = json.loads((victim / "T" / "manifest.json").read_text())["steps"]
+    rerun = subprocess.run(hudd_cmd(victim), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    after = json.loads((victim / "T" / "manifest.json").read_text())["steps"]
+    for step, record in finished.items():      # finished steps were not recomputed
+        assert after[step]["outputs"] == record["outputs"], step
+    assert results_of(victim) == results_of(case)
