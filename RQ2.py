@@ -85,7 +85,7 @@ def run(args):
                                          epochs=args.epochs, select=args.select,
                                          budget_factor=args.baseline_budget_factor, device=args.device,
                                          batch_size=args.retrain_batch_size, workers=args.workers,
-                                         progress=options.progress)
+                                         progress=options.progress, trust=args.trust_model)
         _refresh_report(case.dir)
     finally:
         case.unlock()

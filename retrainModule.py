@@ -321,7 +321,7 @@ def _per_cluster(improved_images, members):
 
 def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT_EPOCHS, select="train-accuracy",
             holdout=DEFAULT_HOLDOUT, budget_factor=DEFAULT_BUDGET_FACTOR, pad_baselines=True, device="auto",
-            batch_size=RETRAIN_BATCH_SIZE, workers=0, progress=True):
+            batch_size=RETRAIN_BATCH_SIZE, workers=0, progress=True, trust=False):
     """HUDD step 7 (or a baseline), `reps` times: retrain the analysed model on the training set + the mode's images.
 
     Each repetition starts from the model file's weights, trains with SGD (lr 1e-3, momentum 0.9,
@@ -351,7 +351,7 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
     case_dir = Path(case_dir)
     device = resolve_device(device)
     datasets = case_dir / "DataSets"
-    _, meta = models.load_model(model_path, "cpu")
+    _, meta = models.load_model(model_path, "cpu", trust=trust)
     splits = list_case(case_dir, need=("TrainingSet", "TestSet", "ImprovementSet"))
     classes = testModule.check_classes(meta, splits, model_path)
     spec = ImageSpec.from_meta(meta)
@@ -359,14 +359,16 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
     members = read_cluster_members(case_dir)
     cluster_sizes = members["cluster"].value_counts().to_dict()
     tested = testModule.read_results(case_dir / "testResult.csv")
-    improvement = testModule.read_results(case_dir / "improveResult.csv")
     if mode == "HUDD":
         label_of = _unsafe_labels(case_dir, unsafe, splits, classes)
+        pool, wrong = [], []
     elif not splits["ImprovementSet"].labelled:
         raise HUDDError(f"{datasets / 'ImprovementSet'}: {mode} simulates labelling random improvement images, "
                         f"so it needs the improvement set in class folders; use -mode HUDD for a flat set")
     else:
+        improvement = testModule.read_results(case_dir / "improveResult.csv")
         label_of = dict(zip(improvement["image"], improvement["expected"]))
+        pool, wrong = improvement["image"].tolist(), (improvement["result"] == "Wrong").tolist()
     train = splits["TrainingSet"]
     test_images = list(tested["image"])
     test_targets = [classes.index(c) for c in tested["expected"]]
@@ -377,9 +379,8 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
     rows = []
     for rep in range(1, reps + 1):
         seed_r = rep_seed(seed, rep)
-        added, n_labelled = retraining_images(mode, unsafe, cluster_sizes, improvement["image"].tolist(),
-                                              (improvement["result"] == "Wrong").tolist(), seed_r,
-                                              budget_factor, pad_baselines)
+        added, n_labelled = retraining_images(mode, unsafe, cluster_sizes, pool, wrong, seed_r, budget_factor,
+                                              pad_baselines)
         images = list(train.images)
         targets = [classes.index(c) for c in train.labels]
         val_set = None
@@ -389,7 +390,7 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
             images, targets = [images[i] for i in fit], [targets[i] for i in fit]
         images += added
         targets += [classes.index(label_of[i]) for i in added]
-        model, _ = models.load_model(model_path, device)
+        model, _ = models.load_model(model_path, device, trust=trust)
         history = train_classifier(model, ImageSet(datasets, images, spec, targets), epochs=epochs, device=device,
                                    optimizer=sgd, batch_size=batch_size, seed=seed_r, workers=workers,
                                    select=select, val_set=val_set, desc=f"{mode} rep {rep}/{reps}", progress=progress)
