@@ -1,10 +1,17 @@
 """Training: the one loop that trains the case studies' DNNs and retrains them in HUDD, BL1 and BL2."""
 import copy
+import math
+import re
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import nn
 
-from common.data import batches
+from common.data import ImageSet, ImageSpec, batches, list_case, resolve_device
+from common.errors import HUDDError
+from common.files import atomic_path, save_torch, write_csv
 
 
 def sgd(params, lr=1e-3, momentum=0.9, weight_decay=5e-4):
@@ -18,8 +25,6 @@ def adam(params, lr=1e-3, weight_decay=0.0):
 
 def seed_everything(seed):
     import random
-
-    import numpy as np
 
     random.seed(seed)
     np.random.seed(seed)
@@ -110,8 +115,6 @@ RETRAIN_COLUMNS = ["mode", "rep", "seed", "n_labelled", "n_train_added", "n_dist
 
 def rep_seed(seed, rep):
     """The seed of repetition `rep`: the same for every mode, different for every repetition."""
-    import numpy as np
-
     return int(np.random.SeedSequence([int(seed), int(rep)]).generate_state(1)[0])
 
 
@@ -123,11 +126,6 @@ def balance_unsafe_set(unsafe, cluster_sizes, seed):
     each image stays in its own cluster; a cluster with one image repeats it.
     Returns DataFrame[image, cluster, duplicate], clusters in ascending order.
     """
-    import numpy as np
-    import pandas as pd
-
-    from common.errors import HUDDError
-
     rng = np.random.default_rng(seed)
     present = sorted(int(c) for c in unsafe["cluster"].unique())
     unknown = [c for c in present if c not in cluster_sizes]
@@ -159,10 +157,6 @@ def balance_unsafe_set(unsafe, cluster_sizes, seed):
 
 def baseline_budget(n_labelled, factor=DEFAULT_BUDGET_FACTOR):
     """How many improvement images a baseline may label: factor x the number HUDD asked to label."""
-    import math
-
-    from common.errors import HUDDError
-
     if not factor > 0:
         raise HUDDError(f"--baseline-budget-factor {factor}: must be positive (1 = HUDD's budget, 0.3 = the "
                         f"original code)")
@@ -171,8 +165,6 @@ def baseline_budget(n_labelled, factor=DEFAULT_BUDGET_FACTOR):
 
 def draw_bl2(images, budget, seed):
     """BL2: `budget` distinct improvement images drawn uniformly at random."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(images), size=min(budget, len(images)), replace=False)
     return [images[i] for i in sorted(picks)]
@@ -186,8 +178,6 @@ def draw_bl1(images, wrong, budget, seed):
 
 def pad_by_bootstrap(images, size, seed):
     """Duplicate uniformly drawn images (seeded) until the list has `size` entries, as the original padded BL1/BL2."""
-    import numpy as np
-
     if not images or len(images) >= size:
         return list(images)
     picks = np.random.default_rng([seed, PAD_STREAM]).choice(len(images), size=size - len(images), replace=True)
@@ -202,8 +192,6 @@ def retraining_images(mode, unsafe, cluster_sizes, improvement, wrong, seed, bud
     of baseline_budget(len(unsafe)) images for this seed; with `pad_baselines` (the original) a draw
     smaller than HUDD's balanced set is bootstrapped up to its size, so no mode adds fewer training images.
     """
-    from common.errors import HUDDError
-
     if mode not in MODES:
         raise HUDDError(f"mode {mode!r}: use one of {', '.join(MODES)}")
     balanced = balance_unsafe_set(unsafe, cluster_sizes, seed)
@@ -221,12 +209,6 @@ def retraining_images(mode, unsafe, cluster_sizes, improvement, wrong, seed, bud
 
 def read_cluster_members(case_dir):
     """The selected layer's clusters: DataFrame[image, cluster] of the test error images, from T/ClusterAnalysis/."""
-    from pathlib import Path
-
-    import pandas as pd
-
-    from common.errors import HUDDError
-
     root = Path(case_dir) / "T" / "ClusterAnalysis"
     summary = root / "summary.csv"
     if not summary.is_file():
@@ -242,12 +224,6 @@ def read_cluster_members(case_dir):
 
 
 def read_unsafe(case_dir):
-    from pathlib import Path
-
-    import pandas as pd
-
-    from common.errors import HUDDError
-
     path = Path(case_dir) / "T" / "UnsafeSet" / "unsafe.csv"
     if not path.is_file():
         raise HUDDError(f"{path}: missing; run the assign step first (python HUDD.py -o CASE -step assign)")
@@ -260,10 +236,7 @@ def read_unsafe(case_dir):
 
 def _unsafe_labels(case_dir, unsafe, splits, classes):
     """Labels of the unsafe set: the class folders (simulated step 5) or the engineer's labels.csv."""
-    from pathlib import Path
-
     import assignModule
-    from common.errors import HUDDError
 
     improvement = splits["ImprovementSet"]
     if not improvement.labelled:
@@ -277,10 +250,6 @@ def _unsafe_labels(case_dir, unsafe, splits, classes):
 
 
 def _holdout_split(n, fraction, seed):
-    import numpy as np
-
-    from common.errors import HUDDError
-
     if not 0 < fraction < 1:
         raise HUDDError(f"holdout {fraction}: must be between 0 and 1 (e.g. 0.1)")
     order = np.random.default_rng(seed).permutation(n)
@@ -290,11 +259,7 @@ def _holdout_split(n, fraction, seed):
 
 def _save_retrained(case_dir, model, meta, model_path, mode, rep, test_accuracy, info):
     """Save DNNModels/<mode>_<rep>_<accuracy>.pth with the original's metadata; drop this rep's older file."""
-    import re
-    from pathlib import Path
-
     import models
-    from common.files import save_torch
 
     folder = Path(case_dir) / "DNNModels"
     pattern = re.compile(rf"^{re.escape(mode)}_{rep}_\d+(\.\d+)?\.pth$")
@@ -331,16 +296,8 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
     row per repetition, written after each one; test_accuracy a fraction, gain in percentage points;
     improved/worsened = test images whose result changed against testResult.csv). Returns that table.
     """
-    from pathlib import Path
-
-    import numpy as np
-    import pandas as pd
-
     import models
     import testModule
-    from common.data import ImageSet, ImageSpec, list_case, resolve_device
-    from common.errors import HUDDError
-    from common.files import write_csv
 
     if mode not in MODES:
         raise HUDDError(f"mode {mode!r}: use one of {', '.join(MODES)}")
@@ -431,8 +388,6 @@ def retrain_summary(frame):
 
 def a12(x, y):
     """Vargha-Delaney A12: the probability that a value of x beats one of y (ties count half)."""
-    import numpy as np
-
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if x.size == 0 or y.size == 0:
         return float("nan")
@@ -453,10 +408,6 @@ def mann_whitney_p(x, y):
 def rq2_table(results, reference="HUDD"):
     """Per mode: repetitions, mean/std/min/max of test accuracy (%) and gain (points), and for each
     other mode the Mann-Whitney p-value and A12 of `reference` against it (on test accuracy)."""
-    import pandas as pd
-
-    from common.errors import HUDDError
-
     missing = {"mode", "test_accuracy", "gain"} - set(results.columns)
     if missing:
         raise HUDDError(f"RQ2 results: missing columns {sorted(missing)}; pass the retrain_<mode>.csv rows")
@@ -479,15 +430,10 @@ def rq2_table(results, reference="HUDD"):
 
 def write_rq2(case_dir, results, reference="HUDD"):
     """Write CASE/RQ2.csv, CASE/RQ2.xlsx (table + repetitions) and CASE/RQ2_boxplot.png; return the table."""
-    from pathlib import Path
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import pandas as pd
-
-    from common.files import atomic_path, write_csv
 
     case_dir = Path(case_dir)
     table = rq2_table(results, reference)
@@ -516,10 +462,6 @@ def run_rq2(case_dir, model_path, modes=MODES, reps=10, **options):
 
     `options` go to retrain (seed, epochs, select, budget_factor, device, batch_size, ...).
     """
-    import pandas as pd
-
-    from common.errors import HUDDError
-
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise HUDDError(f"-modes {','.join(modes)}: use a comma-separated subset of {','.join(MODES)}")
