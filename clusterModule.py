@@ -26,6 +26,7 @@ INPUT_LAYER = "Layer0"              # excluded from the best-layer choice
 XLSX_MAX_COLUMNS = 16384            # Excel's column limit
 GRADIENT_STEP = 4                   # the original's gradientO4(wicd, 4); a scale, so it never moves the knee
 MIN_POINTS_FOR_GRADIENT = 5         # the 4th-order stencil needs 5 samples
+FLAT_TOLERANCE = 1e-9               # a curve varying less than this share of its size has no knee
 EXACT_RECOMPUTE_RATIO = 1e-6        # d^2 below this share of |a|^2+|b|^2 is recomputed from the rows
 WARD_FLOAT64_MAX_N = 8192           # above this the N^3 Ward input product runs in float32
 BLOCK_ROWS = 1024
@@ -78,7 +79,13 @@ def pairwise_distances(heatmaps, out=None, block_rows=BLOCK_ROWS, chunk_bytes=FE
     chunks = _blocks(f, chunk)
     mean = np.empty(f)
     for c0, c1 in chunks:
-        mean[c0:c1] = np.asarray(X[:, c0:c1], dtype=np.float64).mean(axis=0)
+        part = np.asarray(X[:, c0:c1], dtype=np.float64)
+        finite = np.isfinite(part).all(axis=1)
+        if not finite.all():
+            raise HUDDError(f"{name}: heatmap row {int(np.flatnonzero(~finite)[0])} holds NaN or infinite values; "
+                            f"recompute the heatmaps (-step heatmaps)")
+        mean[c0:c1] = part.mean(axis=0)
+    del part
     cached = {}
 
     def centred(r0, c0, c1):
@@ -92,10 +99,6 @@ def pairwise_distances(heatmaps, out=None, block_rows=BLOCK_ROWS, chunk_bytes=FE
     for c0, c1 in chunks:
         part = centred(0, c0, c1)
         norms += np.einsum("ij,ij->i", part, part)
-    if not np.all(np.isfinite(norms)):
-        bad = int(np.flatnonzero(~np.isfinite(norms))[0])
-        raise HUDDError(f"{name}: heatmap row {bad} holds NaN or infinite values; recompute the heatmaps "
-                        f"(-step heatmaps)")
     if out is None:
         out = np.empty((n, n), dtype=np.float32)
     elif out.shape != (n, n):
@@ -158,11 +161,11 @@ def write_distances(heatmaps_npy, out_npy, xlsx=None, keys=None, progress=True, 
             print(f"note: {xlsx} not written: {n} error images exceed Excel's {XLSX_MAX_COLUMNS} columns; "
                   f"the distances are in {out_npy} (numpy.load)")
         else:
-            write_distances_xlsx(np.load(out_npy, mmap_mode="r"), xlsx, keys)
+            write_distances_xlsx(np.load(out_npy, mmap_mode="r"), xlsx, keys, progress)
     return out_npy
 
 
-def write_distances_xlsx(distances, path, keys=None):
+def write_distances_xlsx(distances, path, keys=None, progress=True):
     """The original's XLSX view of a distance matrix: the image keys as header, one row per image."""
     from openpyxl import Workbook
 
@@ -171,7 +174,8 @@ def write_distances_xlsx(distances, path, keys=None):
     book = Workbook(write_only=True)
     sheet = book.create_sheet("distances")
     sheet.append(keys)
-    for r0, r1 in _blocks(n, BLOCK_ROWS):
+    blocks = _blocks(n, BLOCK_ROWS)
+    for r0, r1 in _progress(blocks, len(blocks), f"{Path(path).name}", progress):
         for row in np.asarray(distances[r0:r1], dtype=np.float64).tolist():
             sheet.append(row)
     with atomic_path(path) as tmp:
@@ -422,7 +426,7 @@ def choose_k(ks, curve):
     """The knee of the WICD curve's 4th-order gradient (kneed, concave, increasing), as the original.
 
     Fallbacks (the original crashed in these cases): with fewer than 5 values of k, or when kneed
-    finds no knee on the gradient, the knee of the raw curve (convex, decreasing: the original's
+    finds no knee on the gradient (or it is flat), the knee of the raw curve (convex, decreasing: the original's
     unused "KR" mode); when that fails too, the smallest k (fewest clusters to inspect).
     Returns (k, gradient, method).
     """
@@ -430,15 +434,16 @@ def choose_k(ks, curve):
 
     ks = np.asarray(ks)
     gradient = gradient_o4(curve)
+    scale = FLAT_TOLERANCE * max(float(np.abs(curve).max()), np.finfo(float).tiny)
     if len(ks) == 1:
         return int(ks[0]), gradient, "only-k"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if len(ks) >= MIN_POINTS_FOR_GRADIENT:
+        if len(ks) >= MIN_POINTS_FOR_GRADIENT and np.ptp(gradient) > scale:
             knee = KneeLocator(ks, gradient, curve="concave", direction="increasing").knee
             if knee is not None:
                 return int(knee), gradient, "gradient-knee"
-        knee = KneeLocator(ks, curve, curve="convex", direction="decreasing").knee
+        knee = KneeLocator(ks, curve, curve="convex", direction="decreasing").knee if np.ptp(curve) > scale else None
     if knee is not None:
         return int(knee), gradient, "raw-knee"
     return int(ks[0]), gradient, "smallest-k"
@@ -651,7 +656,8 @@ def write_cluster_analysis(t_dir, layer, result, images, datasets_dir, distances
     """T/ClusterAnalysis/<Layer>/: clusters.csv, <cluster>/ member copies, AllClusters/<cluster>.gif
     (clusters of 2+ members, 100 images per minute), WICD.png, wicd.csv and cluster_info.csv.
 
-    `images`: the image keys (relative to DataSets/) in heatmap row order. The folder is built
+    `images`: the image keys (relative to DataSets/) in heatmap row order; `distances` (default
+    T/<Layer>HMDistance.npy when present) orders members by distance to the medoid. The folder is built
     beside the old one and swapped in, so a killed run leaves the previous folder intact.
     """
     datasets_dir = Path(datasets_dir)
@@ -661,6 +667,8 @@ def write_cluster_analysis(t_dir, layer, result, images, datasets_dir, distances
         raise HUDDError(f"{Path(t_dir) / 'Heatmaps' / 'index.csv'}: {len(images)} images but {len(labels)} "
                         f"clustered rows; rerun -step heatmaps and -step distances")
     final = Path(t_dir) / CLUSTER_ANALYSIS / layer
+    if distances is None and (Path(t_dir) / f"{layer}HMDistance.npy").is_file():
+        distances = np.load(Path(t_dir) / f"{layer}HMDistance.npy", mmap_mode="r")
     tmp = _fresh_dir(final)
     try:
         write_csv(tmp / "clusters.csv", pd.DataFrame({"image": images, "cluster": labels}))
@@ -752,64 +760,6 @@ def best_layer_from_summary(t_dir):
     return str(chosen["layer"].iloc[0])
 
 
-def read_image_keys(t_dir):
-    path = Path(t_dir) / "Heatmaps" / "index.csv"
-    if not path.is_file():
-        raise HUDDError(f"{path}: missing; run the heatmaps step first (-step heatmaps)")
-    frame = pd.read_csv(path)
-    if "image" not in frame.columns:
-        raise HUDDError(f"{path}: needs a column 'image'; rerun -step heatmaps")
-    return frame["image"].astype(str).tolist()
-
-
-def heatmap_layers(t_dir):
-    folder = Path(t_dir) / "Heatmaps"
-    layers = [p.stem for p in folder.glob("Layer*.npy") if layer_number(p.stem) is not None]
-    return sorted(layers, key=_layer_sort_key)
-
-
-def distances_step(case_dir, layers=None, xlsx=True, progress=True):
-    """Every layer's T/<Layer>HMDistance.npy (+ .xlsx when N <= 16,384). Returns {layer: path}."""
-    t_dir = Path(case_dir) / "T"
-    keys = read_image_keys(t_dir)
-    layers = heatmap_layers(t_dir) if layers is None else list(layers)
-    if not layers:
-        raise HUDDError(f"{t_dir / 'Heatmaps'}: no Layer<i>.npy files; run the heatmaps step first (-step heatmaps)")
-    written = {}
-    for layer in layers:
-        written[layer] = write_distances(t_dir / "Heatmaps" / f"{layer}.npy", t_dir / f"{layer}HMDistance.npy",
-                                         xlsx=(t_dir / f"{layer}HMDistance.xlsx") if xlsx else None, keys=keys,
-                                         progress=progress)
-    return written
-
-
-def clusters_step(case_dir, layers=None, max_clusters=None, optimal_ordering=False, copy_images=True,
-                  progress=True):
-    """Cluster every layer with a distance matrix, write its folders, pick the best layer, write the
-    summary and T/Layer<X>/. Returns (results, best)."""
-    case_dir = Path(case_dir)
-    t_dir = case_dir / "T"
-    keys = read_image_keys(t_dir)
-    if layers is None:
-        layers = sorted((p.name[: -len("HMDistance.npy")] for p in t_dir.glob("Layer*HMDistance.npy")),
-                        key=_layer_sort_key)
-    if not layers:
-        raise HUDDError(f"{t_dir}: no Layer<i>HMDistance.npy; run the distances step first (-step distances)")
-    results = {}
-    for layer in layers:
-        path = t_dir / f"{layer}HMDistance.npy"
-        D = load_distances(path)
-        if D.shape[0] != len(keys):
-            raise HUDDError(f"{path}: {D.shape[0]} rows but {len(keys)} images in T/Heatmaps/index.csv; "
-                            f"rerun -step distances")
-        results[layer] = cluster_layer(D, max_clusters, optimal_ordering, progress=progress, name=str(path))
-        write_cluster_analysis(t_dir, layer, results[layer], keys, case_dir / "DataSets", distances=D,
-                               copy_images=copy_images, progress=progress)
-    best = select_best_layer(results)
-    write_summary(t_dir, results, best)
-    return results, best
-
-
 # ----------------------------------------------------------------------------------------------
 # RQ1
 
@@ -893,31 +843,41 @@ def rq1_summary(table, clusters, per_cluster=IMAGES_INSPECTED_PER_CLUSTER):
     analysed = int(len(per))
     return {"clusters": int(len(sizes)), "clusters_nonsingleton": int((sizes > 1).sum()),
             "clusters_with_parameters": analysed, "explained": explained,
-            "explained_pct": 100.0 * explained / analysed if analysed else float("nan"),
+            "explained_percent": 100.0 * explained / analysed if analysed else float("nan"),
             "mean_min_reduction_pct": 100.0 * (1 - per["min_ratio"].mean()) if analysed else float("nan"),
             "mean_reduction_pct": 100.0 * (1 - table.groupby("parameter")["ratio"].mean().mean())
             if analysed else float("nan"),
             "error_images": n_errors, "inspected": inspected, "per_cluster": per_cluster,
-            "inspected_pct": 100.0 * inspected / n_errors if n_errors else float("nan")}
+            "inspected_percent": 100.0 * inspected / n_errors if n_errors else float("nan")}
 
 
-def write_rq1(case_dir, layer=None, per_cluster=IMAGES_INSPECTED_PER_CLUSTER):
-    """CASE/RQ1.xlsx (sheets Clusters, Ratios, Summary) and CASE/RQ1.csv for the best (or given) layer.
+def write_rq1(case_dir, images=None, labels=None, layer=None, per_cluster=IMAGES_INSPECTED_PER_CLUSTER):
+    """CASE/RQ1.xlsx (sheets Clusters, Ratios, Summary) and CASE/RQ1.csv.
 
-    Returns the summary dict (with 'available' False and a 'message' when DataSets/params.csv is
-    absent); notes on skipped rows or columns are printed and listed under 'notes'.
+    The clusters are `images` with their `labels` when given, else T/ClusterAnalysis/<layer>/clusters.csv
+    of `layer` (default: the selected layer of summary.csv). Returns the summary dict (see
+    rq1_summary; format_rq1 makes it a console line), or None after printing why when
+    DataSets/params.csv is absent. Notes on skipped rows or columns are printed and kept under 'notes'.
     """
     case_dir = Path(case_dir)
     params_path = case_dir / "DataSets" / "params.csv"
     if not params_path.is_file():
-        message = (f"RQ1 not available: {params_path} not found (it holds one row per image: column 'image', "
-                   f"then one column per simulator parameter)")
-        return {"available": False, "message": message}
+        print(f"RQ1 not available: {params_path} not found (it needs a column 'image', the path relative to "
+              f"DataSets/, then one column per simulator parameter)")
+        return None
     t_dir = case_dir / "T"
-    layer = layer or best_layer_from_summary(t_dir)
-    clusters_path = t_dir / CLUSTER_ANALYSIS / layer / "clusters.csv"
-    if not clusters_path.is_file():
-        raise HUDDError(f"{clusters_path}: missing; run the clustering step first (-step clusters)")
+    if images is not None:
+        if labels is None or len(labels) != len(images):
+            raise HUDDError(f"RQ1: {len(images)} images but {None if labels is None else len(labels)} cluster labels")
+        clusters = pd.DataFrame({"image": [str(i) for i in images], "cluster": np.asarray(labels).astype(int)})
+        if layer is None and (t_dir / CLUSTER_ANALYSIS / "summary.csv").is_file():
+            layer = best_layer_from_summary(t_dir)
+    else:
+        layer = layer or best_layer_from_summary(t_dir)
+        clusters_path = t_dir / CLUSTER_ANALYSIS / layer / "clusters.csv"
+        if not clusters_path.is_file():
+            raise HUDDError(f"{clusters_path}: missing; run the clustering step first (-step clusters)")
+        clusters = pd.read_csv(clusters_path, keep_default_na=False)
     try:
         params = pd.read_csv(params_path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -925,14 +885,13 @@ def write_rq1(case_dir, layer=None, per_cluster=IMAGES_INSPECTED_PER_CLUSTER):
     if "image" not in params.columns:
         raise HUDDError(f"{params_path}: needs a column 'image' (path relative to DataSets/, e.g. "
                         f"TestSet/<class>/<file>)")
-    clusters = pd.read_csv(clusters_path)
     notes = []
     table = rq1(params, clusters, notes)
     for note in notes:
         print(f"RQ1 note: {note}")
     per = rq1_clusters(table)
     summary = rq1_summary(table, clusters, per_cluster)
-    summary.update({"available": True, "layer": layer, "notes": notes})
+    summary.update({"layer": layer, "notes": notes})
     with atomic_path(case_dir / "RQ1.xlsx") as tmp:
         with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
             per.to_excel(writer, sheet_name="Clusters", index=False)
@@ -945,11 +904,11 @@ def write_rq1(case_dir, layer=None, per_cluster=IMAGES_INSPECTED_PER_CLUSTER):
 
 def format_rq1(summary):
     """The console lines for a write_rq1 summary."""
-    if not summary.get("available", True):
-        return summary["message"]
+    if not summary:
+        return "RQ1 not available (no DataSets/params.csv)"
     return (f"RQ1 ({summary['layer']}): {summary['clusters']} root-cause clusters "
             f"({summary['clusters_nonsingleton']} with 2+ images); {summary['explained']} of "
-            f"{summary['clusters_with_parameters']} ({summary['explained_pct']:.1f}%) explained by a parameter "
+            f"{summary['clusters_with_parameters']} ({summary['explained_percent']:.1f}%) explained by a parameter "
             f"(variance ratio < {RQ1_EXPLAINED_RATIO}); inspecting {summary['per_cluster']} images per cluster "
             f"= {summary['inspected']} of {summary['error_images']} error images "
-            f"({summary['inspected_pct']:.2f}%)")
+            f"({summary['inspected_percent']:.2f}%)")
