@@ -683,7 +683,8 @@ def write_heatmaps(model, dataset, out_dir, *, rule="hudd", batch_size=32, devic
                 arrays[name] = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype,
                                                          shape=(count, *known[name]["shape"]))
             else:
-                np.save(tmp, np.zeros((0, *known[name]["shape"]), dtype=dtype))
+                with open(tmp, "wb") as handle:
+                    np.save(handle, np.zeros((0, *known[name]["shape"]), dtype=dtype))
         for inputs, _, indices, errors in batches(dataset, batch_size, workers=workers, desc="heatmaps",
                                                   progress=progress):
             _check_errors(dataset, indices, errors)
