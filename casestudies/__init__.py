@@ -1,0 +1,82 @@
+"""Built-in case studies: a case folder with data sets and a trained original DNN, from one command.
+
+    python -m casestudies NAME -o CASE [--seed S] [--scale small|default] [--force]
+    casestudies.build(name, case_dir, seed=0, scale="default", progress=True, force=False) -> Path
+
+- ``gaze`` (the paper's GD): procedurally rendered 3x48x48 eye images (casestudies/eyes.py, in the
+  spirit of UnityEyes), labelled with 8 gaze directions (45-degree sectors of the gaze angles; no
+  MiddleCenter, so near-centre and borderline gazes are genuinely ambiguous). Rare conditions by
+  their distributions: extreme head pose, very low light, half-closed eyes, heavy blur or noise,
+  glasses with reflections. Every parameter of every image is in DataSets/params.csv.
+- ``openclosed`` (the paper's OC): the same simulator labelled Closed (eyelid opening < 0.3) or Open,
+  with a borderline band of half-open eyes.
+- ``fmnist``: Fashion-MNIST from Debian's dataset-fashion-mnist (1x28x28): TestSet = the official
+  10,000 test images; the 60,000 training images split (seeded) 50,000 TrainingSet / 10,000
+  labelled ImprovementSet. No params.csv.
+
+Scales (images TrainingSet/TestSet/ImprovementSet, training epochs):
+  gaze, openclosed   default 12000/3000/4000, SCALE_EPOCHS    small 320/120/120, 2 epochs
+  fmnist             default 50000/10000/10000                small 400/150/150, 2 epochs
+The DNN is SmallAlexNet (width 16) trained with Adam and a cosine schedule on the PNG files as
+written, read back through common.data.ImageSet, saved to DNNModels/OriginalModel.pth.
+
+Measured at default scale (2 CPU cores shared with other jobs; see MEASURED below).
+"""
+from pathlib import Path
+
+from common.errors import HUDDError
+
+NAMES = ("gaze", "openclosed", "fmnist")
+SCALE_NAMES = ("small", "default")
+TRAINING = {   # per case study and scale: epochs, learning rate, batch size
+    ("gaze", "default"): (10, 2e-3, 128), ("gaze", "small"): (2, 2e-3, 32),
+    ("openclosed", "default"): (6, 2e-3, 128), ("openclosed", "small"): (2, 2e-3, 32),
+    ("fmnist", "default"): (3, 2e-3, 128), ("fmnist", "small"): (2, 2e-3, 32),
+}
+NET_WIDTH, NET_HIDDEN = 16, 256
+
+
+def build(name, case_dir, seed=0, scale="default", progress=True, force=False):
+    """Build case study `name` into `case_dir` (data sets, params.csv, trained DNN); return the case path.
+
+    Refuses to replace existing data sets or model unless `force`; a build killed while writing
+    images is redone, one killed while training resumes at training.
+    """
+    from casestudies import casefolder
+    from common.data import ImageSpec
+
+    if name not in NAMES:
+        raise HUDDError(f"unknown case study {name!r}; use one of {', '.join(NAMES)}")
+    if scale not in SCALE_NAMES:
+        raise HUDDError(f"--scale {scale!r}; use small or default")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise HUDDError(f"--seed {seed!r}; use a non-negative integer")
+    case = Path(case_dir)
+    marker = {"case_study": name, "seed": seed, "scale": scale}
+    if casefolder.plan(case, marker, force) == "data":
+        staging = casefolder.staging_dir(case)
+        mean, std = _write(name, staging, seed, scale, progress)
+        casefolder.publish(case, staging, {**marker, "mean": list(mean), "std": list(std)})
+    written = casefolder.read_marker(case / "DataSets")
+    channels, side = (1, 28) if name == "fmnist" else (3, _eye_size())
+    spec = ImageSpec(channels, side, side, tuple(written["mean"]), tuple(written["std"]), "exact")
+    epochs, lr, batch_size = TRAINING[(name, scale)]
+    arch_args = dict(in_channels=channels, input_size=side, width=NET_WIDTH, hidden=NET_HIDDEN)
+    casefolder.train_original(case, spec, arch_args, epochs, seed, lr, batch_size, progress, marker)
+    return case
+
+
+def _eye_size():
+    from casestudies.eyecases import IMAGE_SIZE
+
+    return IMAGE_SIZE
+
+
+def _write(name, root, seed, scale, progress):
+    if name == "fmnist":
+        from casestudies import fashion
+
+        return fashion.write_datasets(root, seed, scale, progress)
+    from casestudies import eyecases
+
+    return eyecases.write_datasets(root, name, seed, scale, progress)

@@ -1,0 +1,32 @@
+"""`python -m casestudies NAME -o CASE`: build a built-in case study (data sets + trained DNN)."""
+import argparse
+import sys
+import time
+
+from casestudies import NAMES, SCALE_NAMES, build
+from common.errors import HUDDError
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m casestudies", description=__doc__.split(": ", 1)[1])
+    parser.add_argument("name", choices=NAMES, help="which case study")
+    parser.add_argument("-o", "--output", required=True, help="case folder to create (CASE)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data sets and training (default 0)")
+    parser.add_argument("--scale", choices=SCALE_NAMES, default="default",
+                        help="default: the full case study; small: a few hundred images, for tests")
+    parser.add_argument("--force", action="store_true", help="replace existing DataSets/ and OriginalModel.pth")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    start = time.time()
+    try:
+        case = build(args.name, args.output, seed=args.seed, scale=args.scale, progress=not args.quiet,
+                     force=args.force)
+    except HUDDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: built {case}/DataSets and {case}/DNNModels/OriginalModel.pth in {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Writing a case folder safely: staged data sets, a completion marker, no silent overwrite; the original DNN.
+
+Images are written to ``CASE/.DataSets.building`` and renamed to ``CASE/DataSets`` only once every
+image, ``params.csv`` and the ``.complete`` marker exist, so a killed build never looks finished:
+the next build removes the leftover staging folder and starts again.
+"""
+import functools
+import json
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from common.errors import HUDDError
+
+MARKER = ".complete"
+STAGING = ".DataSets.building"
+MODEL_FILE = "OriginalModel.pth"
+MARKER_KEYS = ("case_study", "seed", "scale")
+PARALLEL_FROM = 2000        # images; below this a worker pool costs more than it saves
+
+
+def read_marker(datasets):
+    try:
+        return json.loads((Path(datasets) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def plan(case_dir, wanted, force):
+    """Decide what to do in `case_dir`: "data" (write data sets, then train) or "train" (data done, model missing).
+
+    Refuses to replace an existing data set or model unless `force`; resumes a build whose data
+    sets are complete (same case study, seed and scale) but whose training was interrupted.
+    """
+    case = Path(case_dir)
+    if case.exists() and not case.is_dir():
+        raise HUDDError(f"{case}: exists and is not a folder; pass another -o")
+    datasets, model = case / "DataSets", case / "DNNModels" / MODEL_FILE
+    shutil.rmtree(case / STAGING, ignore_errors=True)      # left over by a killed build
+    if force:
+        return "data"
+    marker = read_marker(datasets)
+    if datasets.is_dir() and any(datasets.iterdir()):
+        same = marker is not None and all(marker.get(k) == wanted[k] for k in MARKER_KEYS)
+        if same and not model.exists():
+            return "train"
+        what = "a finished build of this case study" if same else "data sets"
+        raise HUDDError(f"{datasets}: already holds {what}; pass --force (force=True) to replace it and "
+                        f"DNNModels/{MODEL_FILE}, or choose another -o folder")
+    if model.exists():
+        raise HUDDError(f"{model}: exists; pass --force (force=True) to replace it, or choose another -o folder")
+    return "data"
+
+
+def staging_dir(case_dir):
+    path = Path(case_dir) / STAGING
+    path.mkdir(parents=True)
+    return path
+
+
+def publish(case_dir, staging, marker):
+    """Write the marker last, then move the staged data sets into place."""
+    (Path(staging) / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    datasets = Path(case_dir) / "DataSets"
+    if datasets.exists():
+        shutil.rmtree(datasets)
+    os.replace(staging, datasets)
+    return datasets
+
+
+def run_chunks(work, chunks, progress, desc, total):
+    """Run `work(chunk)` over chunks, in a process pool when there is enough work; results in chunk order."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not progress)
+    workers = os.cpu_count() or 1
+    results = []
+    if total >= PARALLEL_FROM and workers > 1:
+        import multiprocessing
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for result, chunk in zip(pool.map(work, chunks), chunks):
+                results.append(result)
+                bar.update(len(chunk))
+    else:
+        for chunk in chunks:
+            results.append(work(chunk))
+            bar.update(len(chunk))
+    bar.close()
+    return results
+
+
+def train_original(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, marker):
+    """Train the case study's DNN on the files as written (read back through ImageSet) and save it."""
+    import torch
+
+    import models
+    import retrainModule
+    from common.data import ImageSet, list_case, resolve_device
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    case = Path(case_dir)
+    splits = list_case(case, need=("TrainingSet", "TestSet", "ImprovementSet"))
+    train = splits["TrainingSet"]
+    targets = [train.classes.index(label) for label in train.labels]
+    dataset = ImageSet(case / "DataSets", train.images, spec, targets)
+    model = models.SmallAlexNet(num_classes=len(train.classes), **arch_args)
+    device = resolve_device("auto")
+    history = retrainModule.train_classifier(
+        model, dataset, epochs=epochs, device=device, seed=seed, batch_size=batch_size,
+        optimizer=functools.partial(retrainModule.adam, lr=lr),
+        scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs),
+        desc=f"train {marker['case_study']}", progress=progress)
+    path = case / "DNNModels" / MODEL_FILE
+    models.save_model(path, model, "smallalexnet", classes=train.classes,
+                      input_size=(spec.channels, spec.height, spec.width), mean=spec.mean, std=spec.std,
+                      arch_args=dict(num_classes=len(train.classes), **arch_args), preprocess="exact",
+                      extra={"trained_by": "casestudies", **{k: marker[k] for k in MARKER_KEYS},
+                             "epochs": epochs, "final_train_accuracy": history[-1]["train_accuracy"]})
+    return path
