@@ -165,21 +165,58 @@ def write_distances(heatmaps_npy, out_npy, xlsx=None, keys=None, progress=True, 
     return out_npy
 
 
+_XLSX_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+_XLSX_RELS = "http://schemas.openxmlformats.org/package/2006/relationships"
+_XLSX_DOC = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+_XLSX_PARTS = {
+    "[Content_Types].xml":
+        '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+        '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
+        '<Default Extension="xml" ContentType="application/xml"/>'
+        '<Override PartName="/xl/workbook.xml" '
+        'ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/>'
+        '<Override PartName="/xl/worksheets/sheet1.xml" '
+        'ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.worksheet+xml"/></Types>',
+    "_rels/.rels":
+        f'<Relationships xmlns="{_XLSX_RELS}"><Relationship Id="rId1" '
+        f'Type="{_XLSX_DOC}/officeDocument" Target="xl/workbook.xml"/></Relationships>',
+    "xl/workbook.xml":
+        f'<workbook xmlns="{_XLSX_MAIN}" xmlns:r="{_XLSX_DOC}"><sheets>'
+        f'<sheet name="distances" sheetId="1" r:id="rId1"/></sheets></workbook>',
+    "xl/_rels/workbook.xml.rels":
+        f'<Relationships xmlns="{_XLSX_RELS}"><Relationship Id="rId1" '
+        f'Type="{_XLSX_DOC}/worksheet" Target="worksheets/sheet1.xml"/></Relationships>',
+}
+
+
 def write_distances_xlsx(distances, path, keys=None, progress=True):
-    """The original's XLSX view of a distance matrix: the image keys as header, one row per image."""
-    from openpyxl import Workbook
+    """The original's XLSX view of a distance matrix: the image keys as header, one row per image.
+
+    Streamed straight into the zip as SpreadsheetML (8 significant digits): about ten times
+    faster than openpyxl's write-only mode, which needs minutes for a few thousand images.
+    """
+    import zipfile
+    from xml.sax.saxutils import escape
 
     n = distances.shape[0]
     keys = [str(k) for k in keys] if keys is not None else [str(i) for i in range(n)]
-    book = Workbook(write_only=True)
-    sheet = book.create_sheet("distances")
-    sheet.append(keys)
+    header = "".join(f'<c t="inlineStr"><is><t>{escape(k)}</t></is></c>' for k in keys)
     blocks = _blocks(n, BLOCK_ROWS)
-    for r0, r1 in _progress(blocks, len(blocks), f"{Path(path).name}", progress):
-        for row in np.asarray(distances[r0:r1], dtype=np.float64).tolist():
-            sheet.append(row)
+    declaration = '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
     with atomic_path(path) as tmp:
-        book.save(tmp)
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as book:
+            for name, xml in _XLSX_PARTS.items():
+                book.writestr(name, declaration + xml)
+            with book.open("xl/worksheets/sheet1.xml", "w", force_zip64=True) as sheet:
+                sheet.write(f'{declaration}<worksheet xmlns="{_XLSX_MAIN}"><sheetData><row r="1">{header}</row>'
+                            .encode())
+                for r0, r1 in _progress(blocks, len(blocks), Path(path).name, progress):
+                    lines = []
+                    for r, row in enumerate(np.asarray(distances[r0:r1], dtype=np.float64).tolist(), start=r0 + 2):
+                        lines.append(f'<row r="{r}"><c><v>' + "</v></c><c><v>".join(map("{:.8g}".format, row))
+                                     + "</v></c></row>")
+                    sheet.write("".join(lines).encode())
+                sheet.write(b"</sheetData></worksheet>")
     return Path(path)
 
 
@@ -470,15 +507,19 @@ def cluster_layer(distances, max_clusters=None, optimal_ordering=False, ward_dty
                 "curve": np.array([]), "gradient": np.array([]), "knee": 1, "knee_method": "single-image",
                 "wicd": 0.0, "wicd_normalised": 0.0, "silhouette": float("nan"), "sizes": np.array([1]),
                 "medoids": np.array([0]), "icd": np.array([0.0]), "linkage": np.zeros((0, 4))}
+    clock = _Clock()
     row_max = _row_max(D, block_rows)
     if not np.all(np.isfinite(row_max)):
         raise HUDDError(f"{name}: holds NaN or infinite distances; rerun -step distances")
     cond = ward_condensed(D, row_max, ward_dtype, block_rows, progress)
+    clock.lap("ward_input")
     Z = linkage(cond, method="ward", optimal_ordering=optimal_ordering)
+    clock.lap("linkage")
     k_max = min(max_clusters_for(n, max_clusters), n)
     ks, curve = wicd_curve(Z, D, row_max, k_max, block_rows, progress)
     k, gradient, method = choose_k(ks, curve)
     labels = cut(Z, k)
+    clock.lap("wicd_all_k_and_knee")
     sizes = np.bincount(labels, minlength=k + 1)[1:]
     raw_rows = _row_sums_by_label(lambda r0, r1: D[r0:r1], n, labels, k, block_rows)
     own = raw_rows[np.arange(n), labels - 1]
@@ -487,14 +528,32 @@ def cluster_layer(distances, max_clusters=None, optimal_ordering=False, ward_dty
     icd = np.divide(within, pairs, out=np.zeros(k), where=pairs > 0)
     wicd = float(np.sum(icd * sizes / n) / k)
     medoids = np.array([np.flatnonzero(labels == c)[np.argmin(own[labels == c])] for c in range(1, k + 1)])
+    clock.lap("raw_wicd_and_medoids")
     j = np.arange(n, dtype=np.int64)
     base = n * j - j * (j + 1) // 2 - j - 1
     ward_rows = _row_sums_by_label(lambda r0, r1: _condensed_rows(cond, n, r0, r1, base), n, labels, k,
                                    block_rows)
+    silhouette = _silhouette(ward_rows, labels, sizes)
+    clock.lap("silhouette")
     return {"n": n, "k": k, "labels": labels, "ks": ks, "curve": curve, "gradient": gradient, "knee": k,
             "knee_method": method, "wicd": wicd, "wicd_normalised": float(curve[k - 2]) if len(curve) else 0.0,
-            "silhouette": _silhouette(ward_rows, labels, sizes), "sizes": sizes, "medoids": medoids,
-            "icd": icd, "linkage": Z}
+            "silhouette": silhouette, "sizes": sizes, "medoids": medoids, "icd": icd, "linkage": Z,
+            "timings": clock.laps}
+
+
+class _Clock:
+    """Wall time per phase, kept in the result for benchmarks."""
+
+    def __init__(self):
+        import time
+        self._now = time.perf_counter
+        self._last = self._now()
+        self.laps = {}
+
+    def lap(self, name):
+        now = self._now()
+        self.laps[name] = round(now - self._last, 3)
+        self._last = now
 
 
 def _silhouette(row_sums, labels, sizes):

@@ -65,6 +65,7 @@ def adjusted_rand_index(a, b):
 def child(n, seed):
     sys.path.insert(0, str(ROOT))
     import clusterModule as cm
+    import kneed  # noqa: F401  (its import takes about 2 s once per process; not part of the per-N cost)
 
     maps, truth = planted_heatmaps(n, seed=seed)
     timings = {}
@@ -81,7 +82,8 @@ def child(n, seed):
             "knee_method": result["knee_method"], "k_max": int(result["ks"][-1]),
             "ari": adjusted_rand_index(truth, result["labels"]),
             "ari_at_planted_k": adjusted_rand_index(truth, cm.cut(result["linkage"], len(np.unique(truth)))),
-            "peak_rss_gb": peak_kb / 1e6, **{k: round(v, 2) for k, v in timings.items()}}
+            "peak_rss_gb": peak_kb / 1e6, **{k: round(v, 2) for k, v in timings.items()},
+            "phases_s": result["timings"]}
 
 
 def main(argv=None):
@@ -106,6 +108,7 @@ def main(argv=None):
         print(f"{r['n']:>7} {r['distances_s']:>7.1f} {r['clustering_s']:>8.1f} {r['total_s']:>8.1f} "
               f"{r['peak_rss_gb']:>8.2f} {r['k']:>4} {r['k_max']:>5} {r['ari']:>6.3f} {r['ari_at_planted_k']:>11.3f}"
               f"  {r['knee_method']} (planted {r['planted']})")
+        print(f"{'':>7} clustering phases (s): {r['phases_s']}")
 
 
 if __name__ == "__main__":

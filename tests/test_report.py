@@ -84,7 +84,7 @@ def test_report_shows_best_layer_clusters_by_size_medoid_first_and_labels(tmp_pa
     for c in headings:
         block = page.split(f'id="cluster-{c}"')[1].split("</section>")[0]
         first = re.search(r'title="([^"]+)"', block).group(1)
-        assert first == keys[result["medoids"][c - 1]].replace("#", "#")       # medoid first
+        assert first == keys[result["medoids"][c - 1]]       # medoid first
         assert "medoid" in block and f"AllClusters/{c}.gif" in block
     assert "expected Up Left<br>predicted Down" in page
     assert "WICD.png" in page and "summary.csv" in page
