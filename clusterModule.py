@@ -78,6 +78,7 @@ def pairwise_distances(heatmaps, out=None, block_rows=BLOCK_ROWS, chunk_bytes=FE
     chunk = max(1, min(f, int(chunk_bytes // (8 * n))))
     chunks = _blocks(f, chunk)
     mean = np.empty(f)
+    cached = {}
     for c0, c1 in chunks:
         part = np.asarray(X[:, c0:c1], dtype=np.float64)
         finite = np.isfinite(part).all(axis=1)
@@ -85,13 +86,13 @@ def pairwise_distances(heatmaps, out=None, block_rows=BLOCK_ROWS, chunk_bytes=FE
             raise HUDDError(f"{name}: heatmap row {int(np.flatnonzero(~finite)[0])} holds NaN or infinite values; "
                             f"recompute the heatmaps (-step heatmaps)")
         mean[c0:c1] = part.mean(axis=0)
+        if len(chunks) == 1:
+            part -= mean
+            cached["all"] = part
     del part
-    cached = {}
 
     def centred(r0, c0, c1):
-        if len(chunks) == 1:
-            if "all" not in cached:
-                cached["all"] = np.asarray(X, dtype=np.float64) - mean
+        if cached:
             return cached["all"][r0:]
         return np.asarray(X[r0:, c0:c1], dtype=np.float64) - mean[c0:c1]
 
