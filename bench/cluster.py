@@ -4,7 +4,8 @@ Synthetic heatmaps (default 4,096 dimensions, a 64x64 relevance map) with plante
 unequal sizes: each cluster is a few Gaussian blobs of relevance, each image its cluster's map
 with random blob strength and noise. Each N runs in a fresh subprocess so that its peak
 resident memory (ru_maxrss, which counts BLAS buffers and mapped files, unlike tracemalloc) is
-its own. Reports wall time per phase, peak memory, k and the adjusted Rand index against the
+its own. CPU seconds (user + system, both cores) do not depend on other jobs: on an idle 2-core
+machine the wall time is about half of them plus half the single-threaded linkage time. Reports wall time per phase, peak memory, k and the adjusted Rand index against the
 planted clusters.
 
     .venv/bin/python bench/cluster.py                 # N = 1000 5000
@@ -62,6 +63,11 @@ def adjusted_rand_index(a, b):
     return float((index - expected) / (top - expected)) if top != expected else 1.0
 
 
+def _cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def child(n, seed):
     sys.path.insert(0, str(ROOT))
     import clusterModule as cm
@@ -69,6 +75,7 @@ def child(n, seed):
 
     maps, truth = planted_heatmaps(n, seed=seed)
     timings = {}
+    cpu_before = _cpu_seconds()
     start = time.perf_counter()
     distances = cm.pairwise_distances(maps, progress=False)
     timings["distances_s"] = time.perf_counter() - start
@@ -77,6 +84,7 @@ def child(n, seed):
     result = cm.cluster_layer(distances, progress=False)
     timings["clustering_s"] = time.perf_counter() - start
     timings["total_s"] = timings["distances_s"] + timings["clustering_s"]
+    timings["cpu_s"] = _cpu_seconds() - cpu_before
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"n": n, "dims": SIDE * SIDE, "planted": int(len(np.unique(truth))), "k": int(result["k"]),
             "knee_method": result["knee_method"], "k_max": int(result["ks"][-1]),
@@ -96,7 +104,7 @@ def main(argv=None):
         print(json.dumps(child(args.child, args.seed)))
         return
     print(f"{os.cpu_count()} CPUs; the machine may be shared, so times are upper bounds")
-    print(f"{'N':>7} {'dist s':>7} {'clust s':>8} {'total s':>8} {'peak GB':>8} {'k':>4} {'kmax':>5} "
+    print(f"{'N':>7} {'dist s':>7} {'clust s':>8} {'total s':>8} {'CPU s':>7} {'peak GB':>8} {'k':>4} {'kmax':>5} "
           f"{'ARI':>6} {'ARI@planted':>11}  knee")
     for n in args.n:
         done = subprocess.run([sys.executable, __file__, "--child", str(n), "--seed", str(args.seed)],
@@ -105,7 +113,7 @@ def main(argv=None):
             print(f"{n:>7} failed: {done.stderr.strip().splitlines()[-1:]}")
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"{r['n']:>7} {r['distances_s']:>7.1f} {r['clustering_s']:>8.1f} {r['total_s']:>8.1f} "
+        print(f"{r['n']:>7} {r['distances_s']:>7.1f} {r['clustering_s']:>8.1f} {r['total_s']:>8.1f} {r['cpu_s']:>7.1f} "
               f"{r['peak_rss_gb']:>8.2f} {r['k']:>4} {r['k_max']:>5} {r['ari']:>6.3f} {r['ari_at_planted_k']:>11.3f}"
               f"  {r['knee_method']} (planted {r['planted']})")
         print(f"{'':>7} clustering phases (s): {r['phases_s']}")
