@@ -789,6 +789,7 @@ def write_summary(t_dir, results, best, copy_best=True):
 
 
 def copy_best_layer(t_dir, best):
+    """T/<best>/ = a copy of T/ClusterAnalysis/<best>/; an older run's T/Layer<i>/ is removed."""
     source = Path(t_dir) / CLUSTER_ANALYSIS / best
     if not source.is_dir():
         raise HUDDError(f"{source}: missing; rerun -step clusters")
@@ -801,6 +802,9 @@ def copy_best_layer(t_dir, best):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    for stale in Path(t_dir).glob("Layer*"):
+        if stale.is_dir() and layer_number(stale.name) is not None and stale.name != best:
+            shutil.rmtree(stale)        # a previous run's best layer
     return final
 
 

@@ -237,6 +237,12 @@ def test_cluster_analysis_files_gifs_curve_summary_and_best_layer_copy(tmp_path,
     assert summary["selected"].tolist() == [False, True, False]
     assert summary.loc[1, "sizes"] == ";".join(map(str, result["sizes"]))
     assert (t_dir / "ClusterAnalysis" / "summary.xlsx").is_file()
+    (t_dir / "Layer9").mkdir()                                   # a previous run's best layer
+    (t_dir / "Heatmaps").mkdir()
+    (t_dir / "Layer9HMDistance.npy").write_bytes(b"")
+    cm.copy_best_layer(t_dir, "Layer4")
+    assert not (t_dir / "Layer9").exists()
+    assert (t_dir / "Heatmaps").is_dir() and (t_dir / "Layer9HMDistance.npy").is_file()
     copied = t_dir / "Layer4"
     assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in folder.iterdir())
     assert cm.best_layer_from_summary(t_dir) == "Layer4"
