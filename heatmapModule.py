@@ -51,9 +51,10 @@ PLAIN = (Term(),)
 class Rule:
     """How a layer maps the relevance R at its output to its input.
 
-    kind: "lrp" = x ⊙ J_z^T (R / stabilised z) with z the sum of `terms`; "pass" = R unchanged;
-    "gradient" = the layer's own gradient; "unpool" = the original's max_unpool2d (overwrites where
-    pooling windows share a maximum). `signed`: add epsilon with the sign of z (zennit), else add it.
+    kind: "lrp" = x ⊙ J_z^T (R / stabilised z) with z the sum of `terms`; "winner" = the same for a
+    max-pool (winner takes all, summed where windows overlap); "pass" = R unchanged; "gradient" = the
+    layer's own gradient; "unpool" = the original's max_unpool2d (overwrites where pooling windows share
+    a maximum). `signed`: add epsilon with the sign of z (zennit), else add it.
     """
 
     name: str
@@ -79,6 +80,7 @@ class Preset:
 PASS = Rule("pass", kind="pass")
 GRADIENT = Rule("gradient", kind="gradient")
 LRP_HUDD = Rule("z (Y + 1e-9)")
+WINNER_HUDD = Rule("winner takes all (Y + 1e-9)", kind="winner")
 ZPLUS_HUDD = Rule("z+ (bias ignored)", terms=(Term(weights="positive", bias="zero"),))
 UNPOOL_COMPAT = Rule("max-unpool (overwrites)", kind="unpool")
 EPSILON = Rule("epsilon", epsilon=ZENNIT_EPSILON, signed=True)
@@ -89,7 +91,7 @@ ZBOX = Rule("zB", terms=(Term("x"), Term("low", "positive", "positive", -1.0),
             epsilon=ZENNIT_EPSILON, signed=True)
 
 RULES = {
-    "hudd": Preset("hudd", conv=LRP_HUDD, linear=ZPLUS_HUDD, maxpool=LRP_HUDD, avgpool=LRP_HUDD,
+    "hudd": Preset("hudd", conv=LRP_HUDD, linear=ZPLUS_HUDD, maxpool=WINNER_HUDD, avgpool=LRP_HUDD,
                    description="the original's rules; winner-takes-all max-pool summed where windows overlap"),
     "hudd-compat": Preset("hudd-compat", conv=LRP_HUDD, linear=ZPLUS_HUDD, maxpool=UNPOOL_COMPAT,
                           avgpool=LRP_HUDD,
@@ -128,7 +130,7 @@ class _Contribution(torch.autograd.Function):
     @staticmethod
     def forward(ctx, source, value):
         ctx.save_for_backward(value)
-        return value.view_as(value)
+        return value.detach()
 
     @staticmethod
     def backward(ctx, grad):
@@ -137,18 +139,41 @@ class _Contribution(torch.autograd.Function):
 
 
 class _Output(torch.autograd.Function):
-    """Forward: the layer's true output `value`; backward: gradient / stabilised z, sent to `z`."""
+    """Forward: the layer's true output `value`; backward: gradient / stabilised z, sent to `z`.
+
+    z is kept without autograd's version check: an in-place ReLU after the layer may clip it to
+    max(z, 0), which changes z only where the relevance arriving is zero (as in the original).
+    """
 
     @staticmethod
     def forward(ctx, z, value, epsilon, signed):
-        ctx.save_for_backward(z.detach())
+        ctx.z = z.detach()
         ctx.epsilon, ctx.signed = epsilon, signed
-        return value.view_as(value)
+        return value.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        (z,) = ctx.saved_tensors
-        return grad / _stabilise(z, ctx.epsilon, ctx.signed), None, None, None
+        z = ctx.z
+        denominator = _stabilise(z, ctx.epsilon, ctx.signed)
+        return torch.div(grad, denominator, out=denominator), None, None, None
+
+
+class _Winner(torch.autograd.Function):
+    """Max-pool LRP, x ⊙ J^T (R / (Y + eps)), computed on the pooled side: at each window's winner x = Y,
+    so the pool's own gradient applied to R ⊙ Y / (Y + eps) is the same, summed where windows overlap."""
+
+    @staticmethod
+    def forward(ctx, value, epsilon):
+        ctx.value = value.detach()        # unchecked, like _Output.z: an in-place ReLU may clip it
+        ctx.epsilon = epsilon
+        return value.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        value = ctx.value
+        share = value + ctx.epsilon
+        torch.div(value, share, out=share)
+        return share.mul_(grad), None
 
 
 class _Pass(torch.autograd.Function):
@@ -157,7 +182,7 @@ class _Pass(torch.autograd.Function):
     @staticmethod
     def forward(ctx, source, value):
         ctx.shape = source.shape
-        return value.view_as(value)
+        return value.detach()
 
     @staticmethod
     def backward(ctx, grad):
@@ -172,7 +197,7 @@ class _Unpool(torch.autograd.Function):
     def forward(ctx, source, value, indices, pool, epsilon):
         ctx.save_for_backward(value, indices)
         ctx.pool, ctx.epsilon, ctx.size = pool, epsilon, source.shape[-2:]
-        return value.view_as(value)
+        return value.detach()
 
     @staticmethod
     def backward(ctx, grad):
@@ -324,22 +349,29 @@ def _plan(model, sample_shape, device, dtype):
     key = (tuple(sample_shape), str(device), dtype, _structure(model))
     plans = _PLANS.setdefault(model, {})
     if key not in plans:
-        plans[key] = _trace(model, sample_shape, device, dtype)
+        with _Evaluation(model, out_of_place=True):
+            plans[key] = _trace(model, sample_shape, device, dtype)
     return plans[key]
 
 
 class _Evaluation:
-    """Eval mode and out-of-place activations for the computation; the model is restored afterwards."""
+    """Eval mode (and, for tracing, out-of-place activations); the model is restored afterwards.
 
-    def __init__(self, model):
+    The relevance pass keeps in-place ReLUs in place: each one gets a detached alias of its input,
+    so it saves the memory traffic of a copy without touching the autograd graph.
+    """
+
+    def __init__(self, model, out_of_place=False):
         self.model = model
+        self.out_of_place = out_of_place
 
     def __enter__(self):
         self.training = [(m, m.training) for m in self.model.modules()]
         self.inplace = [(m, m.inplace) for m in self.model.modules() if isinstance(getattr(m, "inplace", None), bool)]
         self.model.eval()
-        for m, _ in self.inplace:
-            m.inplace = False
+        if self.out_of_place:
+            for m, _ in self.inplace:
+                m.inplace = False
         return self
 
     def __exit__(self, *exc):
@@ -472,7 +504,7 @@ class _Session:
             if layer.kind != "batchnorm":
                 self.captures[layer.layer] = x
             self.inputs[layer.index] = x
-            if rule is None or rule.kind == "gradient":
+            if rule is None or rule.kind in ("gradient", "winner"):
                 return None
             if rule.kind == "lrp" and rule.terms == PLAIN:
                 return (_Contribution.apply(x, x.detach()),)
@@ -487,6 +519,8 @@ class _Session:
                 return out
             if rule.kind == "pass":
                 return _Pass.apply(self.inputs[layer.index], output)
+            if rule.kind == "winner":
+                return _Winner.apply(output, rule.epsilon)
             if rule.kind == "gradient" or layer.norm is not None:
                 return None
             return self._finish(layer, rule, output, None)
