@@ -36,11 +36,12 @@ TRAINING = {   # per case study and scale: epochs, learning rate, batch size
 NET_WIDTH, NET_HIDDEN = 16, 256
 
 
-def build(name, case_dir, seed=0, scale="default", progress=True, force=False):
+def build(name, case_dir, seed=0, scale="default", progress=True, force=False, threads=None):
     """Build case study `name` into `case_dir` (data sets, params.csv, trained DNN); return the case path.
 
     Refuses to replace existing data sets or model unless `force`; a build killed while writing
-    images is redone, one killed while training resumes at training.
+    images is redone, one killed while training resumes at training. `threads`: torch threads for
+    training (None: all CPUs; on a machine busy with other jobs 1 is several times faster).
     """
     from casestudies import casefolder
     from common.data import ImageSpec
@@ -51,6 +52,8 @@ def build(name, case_dir, seed=0, scale="default", progress=True, force=False):
         raise HUDDError(f"--scale {scale!r}; use small or default")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise HUDDError(f"--seed {seed!r}; use a non-negative integer")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise HUDDError(f"--threads {threads!r}; use a positive integer")
     case = Path(case_dir)
     marker = {"case_study": name, "seed": seed, "scale": scale}
     if casefolder.plan(case, marker, force) == "data":
@@ -62,7 +65,7 @@ def build(name, case_dir, seed=0, scale="default", progress=True, force=False):
     spec = ImageSpec(channels, side, side, tuple(written["mean"]), tuple(written["std"]), "exact")
     epochs, lr, batch_size = TRAINING[(name, scale)]
     arch_args = dict(in_channels=channels, input_size=side, width=NET_WIDTH, hidden=NET_HIDDEN)
-    casefolder.train_original(case, spec, arch_args, epochs, seed, lr, batch_size, progress, marker)
+    casefolder.train_original(case, spec, arch_args, epochs, seed, lr, batch_size, progress, marker, threads)
     return case
 
 

@@ -15,12 +15,14 @@ def main(argv=None):
     parser.add_argument("--scale", choices=SCALE_NAMES, default="default",
                         help="default: the full case study; small: a few hundred images, for tests")
     parser.add_argument("--force", action="store_true", help="replace existing DataSets/ and OriginalModel.pth")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for training (default: all CPUs; 1 is faster on a busy machine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     start = time.time()
     try:
         case = build(args.name, args.output, seed=args.seed, scale=args.scale, progress=not args.quiet,
-                     force=args.force)
+                     force=args.force, threads=args.threads)
     except HUDDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -91,15 +91,25 @@ def run_chunks(work, chunks, progress, desc, total):
     return results
 
 
-def train_original(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, marker):
+def train_original(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, marker, threads=None):
     """Train the case study's DNN on the files as written (read back through ImageSet) and save it."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads or os.cpu_count() or 1)
+    try:
+        return _train(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, marker)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _train(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, marker):
     import torch
 
     import models
     import retrainModule
     from common.data import ImageSet, list_case, resolve_device
 
-    torch.set_num_threads(os.cpu_count() or 1)
     case = Path(case_dir)
     splits = list_case(case, need=("TrainingSet", "TestSet", "ImprovementSet"))
     train = splits["TrainingSet"]

@@ -25,12 +25,12 @@ EYE_STATES = ("Closed", "Open")
 CLOSED_BELOW = 0.3          # eyelid opening under which an eye is labelled Closed
 
 # Parameter distributions (angles in degrees, sizes in units of the eye's half width) ----------------
-MAX_GAZE_DEG = 30.0         # gaze angles are uniform over a disc of this radius: near-centre gazes are rare
+MAX_GAZE_DEG = 35.0         # gaze angles are uniform over a disc of this radius: near-centre gazes are rare
 HEAD_YAW_SD, HEAD_PITCH_SD, HEAD_ROLL_SD = 6.0, 5.0, 5.0
 RARE_HEAD_POSE = 0.07       # share of images with an extreme head pose
 EXTREME_YAW_DEG, EXTREME_PITCH_DEG = (25.0, 45.0), (18.0, 32.0)
-RARE_LOW_LIGHT = 0.08       # share of images in very low light
-LOW_LIGHT, NORMAL_LIGHT = (0.05, 0.2), (0.6, 1.3)
+RARE_LOW_LIGHT = 0.06       # share of images in very low light
+LOW_LIGHT, NORMAL_LIGHT = (0.1, 0.3), (0.6, 1.3)
 RARE_HALF_CLOSED = 0.08     # gaze: share of images with half-closed eyes
 HALF_CLOSED = (0.12, 0.42)
 RARE_HEAVY_BLUR, RARE_HEAVY_NOISE = 0.05, 0.05
@@ -40,10 +40,10 @@ OC_CLOSED, OC_BORDERLINE = 0.4, 0.2   # openclosed: share of closed eyes and of 
 # Geometry ------------------------------------------------------------------------------------------
 LID_RADIUS = 1.15           # the eyelids lie on a sphere through the corners (x = +-1, z = 0)
 LID_DEPTH = math.sqrt(LID_RADIUS ** 2 - 1.0)
-EYEBALL_RADIUS = 0.9        # the iris turns on this sphere (an eyeball is ~0.8 of the eye's half width)
+EYEBALL_RADIUS = 1.0        # the iris turns on this sphere (an eyeball is ~0.8-1 of the eye's half width)
 EYEBALL_DEPTH = EYEBALL_RADIUS - (LID_RADIUS - LID_DEPTH)   # its front meets the lids' apex
-EYE_HALF_WIDTH = 0.3        # of the image side, at eye_scale 1
-EYE_CENTRE = (0.5, 0.58)    # of the image side (x right, y down)
+EYE_HALF_WIDTH = 0.4        # of the image side, at eye_scale 1
+EYE_CENTRE = (0.5, 0.6)     # of the image side (x right, y down)
 REFERENCE_SIZE = 48         # pixel widths of lines are given at this image size
 SUPERSAMPLE = 4             # masks are drawn this much finer, then box-filtered (anti-aliasing)
 LID_POINTS = 33
@@ -113,7 +113,7 @@ def sample_parameters(rng, n, task="gaze"):
     p["head_yaw"] = np.where(extreme & which, sign() * u(*EXTREME_YAW_DEG), rng.normal(0, HEAD_YAW_SD, n))
     p["head_pitch"] = np.where(extreme & ~which, sign() * u(*EXTREME_PITCH_DEG), rng.normal(0, HEAD_PITCH_SD, n))
     p["head_roll"] = rng.normal(0, HEAD_ROLL_SD, n)
-    p["eye_scale"] = u(0.85, 1.15)
+    p["eye_scale"] = u(0.9, 1.1)
     p["eye_shift_x"], p["eye_shift_y"] = u(-0.05, 0.05), u(-0.04, 0.04)
     p["lid_skew"] = u(-0.2, 0.2)
     p["iris_size"] = u(0.34, 0.46)
@@ -124,7 +124,7 @@ def sample_parameters(rng, n, task="gaze"):
     p["iris_brightness"] = u(0.6, 1.4)
     p["skin_brightness"] = u(0.15, 1.0)
     p["sclera_brightness"] = u(0.65, 1.0)
-    p["brow_height"], p["brow_thickness"] = u(1.0, 1.35), u(0.12, 0.26)
+    p["brow_height"], p["brow_thickness"] = u(0.95, 1.25), u(0.12, 0.26)
     p["lash_thickness"] = u(0.6, 1.6)
     p["light_azimuth"], p["light_elevation"] = u(0.0, 360.0), u(25.0, 75.0)
     p["ambient"] = np.where(low_light, u(0.02, 0.08), u(0.15, 0.4))
