@@ -13,7 +13,7 @@ models, torchvision AlexNet and VGG) with no ``relprop`` method in the user's mo
 import os
 import tempfile
 import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -195,14 +195,13 @@ class _Unpool(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, source, value, indices, pool, epsilon):
-        ctx.save_for_backward(value, indices)
+        ctx.value, ctx.indices = value, indices      # unchecked, like _Output.z
         ctx.pool, ctx.epsilon, ctx.size = pool, epsilon, source.shape[-2:]
         return value.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        value, indices = ctx.saved_tensors
-        pool = ctx.pool
+        value, indices, pool = ctx.value, ctx.indices, ctx.pool
         scaled = grad / (value + ctx.epsilon)
         routed = F.max_unpool2d(scaled, indices, pool.kernel_size, pool.stride, pool.padding,
                                 output_size=ctx.size)

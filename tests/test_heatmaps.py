@@ -12,7 +12,7 @@ from torch import nn
 import heatmapModule as hm
 from common.data import ImageSet, ImageSpec
 from common.errors import HUDDError
-from models.alexnet import AlexNet
+from models.alexnet import AlexNet, SmallAlexNet
 from models.kpnet import KPNet
 from tests import lrp_reference as ref
 
@@ -124,6 +124,19 @@ def test_every_layer_matches_plain_loop_on_mixed_net(rule):
     expected = ref.relevance(net.steps(), x, start, rule)
     got = hm.layer_relevance(net, x, rule=rule)
     assert_layers_match(got, expected)
+
+
+@pytest.mark.parametrize("rule", ["hudd", "hudd-compat"])
+def test_alexnet_shape_matches_plain_loop(rule):
+    """The original's architecture in small: in-place ReLUs, overlapping pools, torch.flatten, Dropout."""
+    torch.manual_seed(4)
+    net = SmallAlexNet(num_classes=3, in_channels=1, input_size=28, width=4, hidden=16).double().eval()
+    kinds = {nn.Conv2d: "conv", nn.ReLU: "relu", nn.MaxPool2d: "maxpool", nn.Dropout: "dropout", nn.Linear: "linear"}
+    steps = [(kinds[type(m)], m) for m in net.features] + [("f_flatten",)]
+    steps += [(kinds[type(m)], m) for m in net.classifier]
+    x = torch.randn(3, 1, 28, 28, dtype=torch.float64)
+    start = predicted_logit(net(x).detach())
+    assert_layers_match(hm.layer_relevance(net, x, rule=rule), ref.relevance(steps, x, start, rule))
 
 
 @pytest.mark.parametrize("rule", ["hudd", "hudd-compat"])
