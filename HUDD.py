@@ -41,6 +41,8 @@ def parser():
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--rule", default=defaults.rule, help="LRP rule preset: hudd, hudd-compat, epsilon, composite")
     p.add_argument("--heatmap-dtype", choices=["float32", "float16"], default=defaults.heatmap_dtype)
+    p.add_argument("--xlsx", type=boolean, default=defaults.xlsx, metavar="True|False",
+                   help="also export distance matrices as XLSX, as the original (only up to 16,384 images)")
     p.add_argument("--max-clusters", type=positive_int, default=defaults.max_clusters)
     p.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="retraining epochs (original: 10)")
     p.add_argument("--reps", type=positive_int, default=defaults.reps, help="retraining repetitions")

@@ -40,6 +40,7 @@ class Options:
     assign_factor: float = 2.0
     select: str = "train-accuracy"
     trust_model: bool = False
+    xlsx: bool = True
     progress: bool = True
 
     def subset(self, names):
@@ -50,7 +51,7 @@ class Options:
 STEP_OPTIONS = {
     "test": (),
     "heatmaps": ("rule", "heatmap_dtype"),
-    "distances": (),
+    "distances": ("xlsx",),
     "clusters": ("max_clusters", "rq"),
     "assign": ("rule", "assign_factor"),
     "retrain": ("mode", "epochs", "reps", "seed", "baseline_budget_factor", "select"),
@@ -242,7 +243,7 @@ def _step_test(case):
 
     model, meta = case.model
     frames = testModule.write_results(case.dir, case.splits, model, meta, meta["classes"], case.device,
-                                      case.options.batch_size, case.options.workers, case.model_path)
+                                      case.options.batch_size, case.options.workers, case.options.progress)
     outputs = [case.dir / testModule.RESULT_FILES[name] for name in frames] + [case.t / "skipped.csv"]
     test = frames["TestSet"]
     summary = {"test_accuracy": testModule.accuracy_of(test), "test_images": len(test),
@@ -304,7 +305,8 @@ def _step_distances(case):
     for layer in layers:
         outputs.append(clusterModule.write_distances(case.t / "Heatmaps" / f"{layer}.npy",
                                                      case.t / f"{layer}HMDistance.npy",
-                                                     xlsx=case.t / f"{layer}HMDistance.xlsx", keys=images))
+                                                     xlsx=case.t / f"{layer}HMDistance.xlsx" if case.options.xlsx else None,
+                                                     keys=images, progress=case.options.progress))
         xlsx = case.t / f"{layer}HMDistance.xlsx"
         if xlsx.is_file():
             outputs.append(xlsx)
@@ -321,8 +323,10 @@ def _step_clusters(case):
     results = {}
     for layer in layers:
         distances = np.load(case.t / f"{layer}HMDistance.npy", mmap_mode="r")
-        results[layer] = clusterModule.cluster_layer(distances, max_clusters=case.options.max_clusters)
-        clusterModule.write_cluster_analysis(case.t, layer, results[layer], images, case.datasets)
+        results[layer] = clusterModule.cluster_layer(distances, max_clusters=case.options.max_clusters,
+                                                     progress=case.options.progress, name=layer)
+        clusterModule.write_cluster_analysis(case.t, layer, results[layer], images, case.datasets,
+                                             distances=distances, progress=case.options.progress)
     best = clusterModule.select_best_layer(results)
     clusterModule.write_summary(case.t, results, best)
     summary = {"best_layer": best, "clusters": int(results[best]["k"]),
@@ -332,10 +336,12 @@ def _step_clusters(case):
     if case.options.rq:
         rq1 = clusterModule.write_rq1(case.dir, images, results[best]["labels"])
         if rq1:
+            print(clusterModule.format_rq1(rq1))
             summary["rq1_explained"] = rq1["explained_percent"]
+            summary["rq1_inspected"] = rq1["inspected_percent"]
             summary["rq1"] = rq1
             outputs.append(case.dir / "RQ1.xlsx")
-    outputs.append(report.write_report(case.dir))
+    report.write_report(case.dir)
     return outputs, summary
 
 
@@ -369,8 +375,8 @@ def _step_assign(case):
                                                 progress=case.options.progress)
     unsafe = assignModule.select_unsafe_set(heatmaps, labels, batches, factor=case.options.assign_factor)
     folder = assignModule.write_unsafe_set(case.t, unsafe, case.datasets, improvement.labelled)
-    page = report.write_report(case.dir)
-    return [folder, page], {"layer": layer, "unsafe_images": int(len(unsafe)),
+    report.write_report(case.dir)
+    return [folder], {"layer": layer, "unsafe_images": int(len(unsafe)),
                             "clusters_served": int(unsafe["cluster"].nunique()) if len(unsafe) else 0}
 
 
@@ -384,8 +390,8 @@ def _step_retrain(case):
                                   device=opts.device, workers=opts.workers,
                                   progress=opts.progress)
     models_written = [case.dir / "DNNModels" / name for name in frame["model"]]
-    page = report.write_report(case.dir)
-    return [case.t / f"retrain_{opts.mode}.csv", *models_written, page], retrainModule.retrain_summary(frame)
+    report.write_report(case.dir)
+    return [case.t / f"retrain_{opts.mode}.csv", *models_written], retrainModule.retrain_summary(frame)
 
 
 STEP_FUNCTIONS = {"test": _step_test, "heatmaps": _step_heatmaps, "distances": _step_distances,
@@ -425,7 +431,8 @@ def summary_text(case_dir, summaries):
     if clusters:
         lines.append(f"  best layer           {clusters['best_layer']}  ({clusters['clusters']} root-cause clusters)")
         if clusters.get("rq1_explained") is not None:
-            lines.append(f"  RQ1 explained        {clusters['rq1_explained']:.1f}% of clusters")
+            lines.append(f"  RQ1 explained        {clusters['rq1_explained']:.1f}% of clusters; "
+                         f"{clusters['rq1_inspected']:.2f}% of error images inspected at 5 per cluster")
     assign = summaries.get("assign")
     if assign:
         lines.append(f"  unsafe set           {assign['unsafe_images']} improvement images to label")

@@ -28,12 +28,12 @@ def check_classes(meta, splits, model_path):
     return list(folders)
 
 
-def predict(model, dataset, device, batch_size=64, workers=0, desc=None):
+def predict(model, dataset, device, batch_size=64, workers=0, desc=None, progress=True):
     """Logits (N, K) as float32, and {index: reason} for images that could not be read."""
     model.eval()
     outputs, skipped = [None] * len(dataset), {}
     with torch.no_grad():
-        for inputs, _, indices, errors in batches(dataset, batch_size, workers, desc=desc):
+        for inputs, _, indices, errors in batches(dataset, batch_size, workers, desc=desc, progress=progress):
             logits = model(inputs.to(device)).float().cpu().numpy()
             for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
                 if error:
@@ -63,7 +63,7 @@ def results_frame(images, labels, classes, logits):
     return pd.concat([frame, logit_columns], axis=1)
 
 
-def write_results(case_dir, splits, model, meta, classes, device, batch_size=64, workers=0, model_path=""):
+def write_results(case_dir, splits, model, meta, classes, device, batch_size=64, workers=0, progress=True):
     """Write trainResult.csv, testResult.csv and improveResult.csv; unreadable images go to T/skipped.csv.
 
     Returns {split name: DataFrame}. A corrupt or truncated image is skipped (listed with its reason),
@@ -75,7 +75,7 @@ def write_results(case_dir, splits, model, meta, classes, device, batch_size=64,
     frames, skipped_rows = {}, []
     for name, split in splits.items():
         dataset = ImageSet(datasets, split.images, spec)
-        logits, skipped = predict(model, dataset, device, batch_size, workers, desc=f"test {name}")
+        logits, skipped = predict(model, dataset, device, batch_size, workers, desc=f"test {name}", progress=progress)
         keep = [i for i in range(len(split)) if i not in skipped]
         skipped_rows += [(split.images[i], reason) for i, reason in sorted(skipped.items())]
         if not keep:

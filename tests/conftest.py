@@ -47,6 +47,7 @@ def make_tiny_case(root, n_per_class=(12, 8, 6), seed=0, flat_improvement=False,
             for i in range(n):
                 name = f"{cls}_{i:03d}.png" if flat_improvement and split == "ImprovementSet" else f"{i:03d}.png"
                 _draw(cls, rng).save(folder / name)
+    torch.manual_seed(seed)
     model = models.SmallAlexNet(num_classes=3, in_channels=3, input_size=TINY_SIZE, width=4, hidden=16)
     meta = dict(classes=TINY_CLASSES, input_size=(3, TINY_SIZE, TINY_SIZE), mean=(0.5,) * 3, std=(0.5,) * 3)
     if train_epochs:
