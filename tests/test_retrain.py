@@ -2,6 +2,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import retrainModule as rm
 from common.errors import HUDDError
@@ -95,15 +96,31 @@ def test_budget_factor_must_be_positive():
 
 # --- retraining on a tiny case ---------------------------------------------------------------------
 
+ORIGINAL_EPOCHS, ORIGINAL_LR = 10, 1e-2      # enough for a tiny net that is not a constant predictor
+ORIGINAL_INIT_SEED = 3            # with it, retraining flips a few test predictions (checked below)
+
+
 def prepared_case(root, flat_improvement=False):
     """A tiny case up to the assign step: result CSVs, a hand-made clustering and a hand-made unsafe.csv."""
+    import functools
+
     import models
     import testModule
-    from common.data import list_case
+    from common.data import ImageSet, ImageSpec, list_case
 
-    case = make_tiny_case(root, flat_improvement=flat_improvement)
-    model, meta = models.load_model(case / "DNNModels" / "OriginalModel.pth")
+    case = make_tiny_case(root, n_per_class=(12, 10, 6), flat_improvement=flat_improvement, train_epochs=0)
+    path = case / "DNNModels" / "OriginalModel.pth"
+    _, meta = models.load_model(path)
+    torch.manual_seed(ORIGINAL_INIT_SEED)          # the weights must not depend on what ran before in the process
+    model = models.build_model(meta["arch"], meta["arch_args"])
     splits = list_case(case)
+    train = splits["TrainingSet"]
+    dataset = ImageSet(case / "DataSets", train.images, ImageSpec.from_meta(meta),
+                       [meta["classes"].index(c) for c in train.labels])
+    rm.train_classifier(model, dataset, epochs=ORIGINAL_EPOCHS, device="cpu", batch_size=8, select="last",
+                        optimizer=functools.partial(rm.adam, lr=ORIGINAL_LR), progress=False)
+    models.save_model(path, model, meta["arch"], meta["classes"], meta["input_size"], meta["mean"], meta["std"],
+                      arch_args=meta["arch_args"])
     testModule.write_results(case, splits, model, meta, meta["classes"], "cpu", batch_size=32)
     wrong = pd.read_csv(case / "testResult.csv").query("result == 'Wrong'")["image"].tolist()
     assert len(wrong) >= 4, "the tiny model should make a few test errors"
@@ -129,9 +146,9 @@ def case(tmp_path_factory):
 def test_retrain_writes_models_and_the_per_repetition_table(case):
     import models
 
-    hudd = rm.retrain(case, case / "DNNModels" / "OriginalModel.pth", "HUDD", reps=2, epochs=1, batch_size=16,
+    hudd = rm.retrain(case, case / "DNNModels" / "OriginalModel.pth", "HUDD", reps=2, epochs=2, batch_size=16,
                       progress=False)
-    bl2 = rm.retrain(case, case / "DNNModels" / "OriginalModel.pth", "BL2", reps=2, epochs=1, batch_size=16,
+    bl2 = rm.retrain(case, case / "DNNModels" / "OriginalModel.pth", "BL2", reps=2, epochs=2, batch_size=16,
                      progress=False)
     table = pd.read_csv(case / "T" / "retrain_HUDD.csv", keep_default_na=False)
     assert list(table.columns) == rm.RETRAIN_COLUMNS and len(table) == 2
@@ -142,6 +159,8 @@ def test_retrain_writes_models_and_the_per_repetition_table(case):
     original, meta = models.load_model(case / "DNNModels" / "OriginalModel.pth")
     tested = pd.read_csv(case / "testResult.csv")
     before = (tested["result"] == "Correct").mean()
+    changed = pd.concat([hudd, bl2])[["improved", "worsened"]].to_numpy().sum()
+    assert changed > 0, "retraining changed no test prediction, so the checks below would prove nothing"
     for row in table.itertuples():
         path = case / "DNNModels" / row.model
         assert row.model == f"HUDD_{row.rep}_{100 * row.test_accuracy:.2f}.pth"
