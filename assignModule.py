@@ -1,4 +1,4 @@
-"""Step 'assign' (HUDD steps 4-5): pick from the improvement set the unsafe set, the images near the root-cause clusters.
+"""Step 'assign' (HUDD steps 4-5): pick the unsafe set, the improvement images near the root-cause clusters.
 
 Faithful to the original's ClosestU assignment: each improvement image's heatmap (selected layer,
 predicted class) is compared with the members of every cluster that has more than one member; the

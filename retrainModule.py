@@ -141,17 +141,14 @@ def balance_unsafe_set(unsafe, cluster_sizes, seed):
         group = group.head(int(cluster_sizes[cluster]))
         kept = list(group["image"])
         distance = group["distance"].to_numpy(dtype=np.float64)
+        weights = None
+        if len(kept) > 1 and distance.sum() > 0:
+            weights = 1.0 - distance / distance.sum()
+            weights /= weights.sum()
         extra = target - len(kept)
-        if extra > 0:
-            weights = 1.0 - distance / distance.sum() if len(kept) > 1 and distance.sum() > 0 else None
-            if weights is not None:
-                weights = weights / weights.sum()
-            picks = rng.choice(len(kept), size=extra, replace=True, p=weights)
-            kept_dup = [kept[i] for i in picks]
-        else:
-            kept_dup = []
-        parts.append(pd.DataFrame({"image": kept + kept_dup, "cluster": cluster,
-                                   "duplicate": [False] * len(kept) + [True] * len(kept_dup)}))
+        duplicates = [kept[i] for i in rng.choice(len(kept), size=extra, replace=True, p=weights)] if extra else []
+        parts.append(pd.DataFrame({"image": kept + duplicates, "cluster": cluster,
+                                   "duplicate": [False] * len(kept) + [True] * len(duplicates)}))
     return pd.concat(parts, ignore_index=True)
 
 
