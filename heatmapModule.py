@@ -135,7 +135,7 @@ class _Contribution(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (value,) = ctx.saved_tensors
-        return grad * value, None
+        return grad.mul_(value), None     # grad is the fresh input gradient of this layer alone
 
 
 class _Output(torch.autograd.Function):
@@ -143,6 +143,8 @@ class _Output(torch.autograd.Function):
 
     z is kept without autograd's version check: an in-place ReLU after the layer may clip it to
     max(z, 0), which changes z only where the relevance arriving is zero (as in the original).
+    The backward divides in z's own memory: in a chain of layers every reader of z (the layers
+    after this one) has finished its backward by then, and a big fresh tensor costs page faults.
     """
 
     @staticmethod
@@ -153,8 +155,11 @@ class _Output(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        z = ctx.z
-        denominator = _stabilise(z, ctx.epsilon, ctx.signed)
+        z, ctx.z = ctx.z, None
+        if ctx.signed:
+            denominator = _stabilise(z, ctx.epsilon, ctx.signed)
+        else:
+            denominator = z.add_(ctx.epsilon)
         return torch.div(grad, denominator, out=denominator), None, None, None
 
 
