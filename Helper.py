@@ -387,7 +387,7 @@ def _step_retrain(case):
     opts = case.options
     frame = retrainModule.retrain(case.dir, case.model_path, opts.mode, reps=opts.reps, seed=opts.seed,
                                   epochs=opts.epochs, select=opts.select, budget_factor=opts.baseline_budget_factor,
-                                  device=opts.device, workers=opts.workers,
+                                  device=opts.device, workers=opts.workers, trust=opts.trust_model,
                                   progress=opts.progress)
     models_written = [case.dir / "DNNModels" / name for name in frame["model"]]
     report.write_report(case.dir)
