@@ -534,6 +534,8 @@ class _Session:
         """Wrap the output of a layer (or conv+batchnorm group) so that backward applies `rule`."""
         x = self.inputs[layer.index]
         if rule.kind == "lrp" and rule.terms == PLAIN:
+            if output.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() and x.device.type != "meta":
+                output = output.clone()       # _Output divides in place: never in the layer's input
             return _Output.apply(output, output.detach(), rule.epsilon, rule.signed)
         if rule.kind == "unpool":
             pool = layer.module

@@ -1,35 +1,46 @@
 """Benchmark of the LRP engine: images/s against a plain forward+backward, zennit and captum.
 
 Faithful AlexNet (random weights) at 3x256x256, batch 32, 2 threads by default. "plain" is the floor
-any LRP has to pay: one forward and the input gradient of the predicted logit. Methods run round-robin
-(one batch each per round) so that a change in machine load hits them alike; the median round counts.
-Besides wall-clock images/s it reports the process CPU time (user + system) per batch, which other
-jobs on a shared machine disturb much less. A missing library (zennit, captum) is skipped with a note.
+any LRP has to pay: one forward and the input gradient of the predicted logit. Each method runs in
+its own process, alternating batch by batch with plain, so that its ratio is paired (same process,
+same minutes of machine load) and no library's leftovers (captum keeps every layer's activations,
+the heap grows) slow another. Besides wall-clock images/s it reports the process CPU time per batch,
+which other jobs on a shared machine disturb less. A missing library is skipped with a note.
 
-    .venv/bin/python bench/heatmaps.py                  # 3 timed rounds
-    .venv/bin/python bench/heatmaps.py --repeat 10 --batch 32 --threads 2
+    .venv/bin/python bench/heatmaps.py                   # 3 timed rounds per method
+    .venv/bin/python bench/heatmaps.py --repeat 10 --only engine-kept
+
+glibc returns freed memory to the system and faults it in again on the next batch; this costs the
+methods that return many big tensors (all kept layers: ~120 MB per batch) a few percent. Running
+with MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=2000000000 removes that for every
+method alike.
 """
 import argparse
+import json
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import heatmapModule as hm  # noqa: E402
-from models.alexnet import AlexNet  # noqa: E402
-
 NUM_CLASSES = 8
 TARGET_RATIO = 0.9
+METHODS = {   # key: (label, needs)
+    "engine-kept": ("engine hudd, all kept layers", None),
+    "engine-input": ("engine hudd, input only", None),
+    "engine-compat": ("engine hudd-compat, all kept layers", None),
+    "engine-composite": ("engine composite, input only", None),
+    "zennit": ("zennit 0.5.1 EpsilonPlus, input only", "zennit"),
+    "captum": ("captum LRP, input only", "captum"),
+}
 
 
 def plain(model, x):
+    import torch
+
     x = x.clone().requires_grad_(True)
     out = model(x)
     winner = out.argmax(1, keepdim=True)
@@ -37,53 +48,83 @@ def plain(model, x):
 
 
 def predicted_logit(out):
+    import torch
+
     winner = out.argmax(1, keepdim=True)
     return torch.zeros_like(out).scatter_(1, winner, out.gather(1, winner))
 
 
-def zennit_method():
-    try:
+def make_method(key, model, size):
+    """The callable (model, x) for one method, or raise ImportError for a missing library."""
+    import torch
+
+    import heatmapModule as hm
+
+    kept = [row["layer"] for row in hm.layer_table(model, (3, size, size)) if row["kept"]]
+    if key == "engine-kept":
+        return lambda m, x: hm.layer_relevance(m, x, "hudd", layers=kept)
+    if key == "engine-input":
+        return lambda m, x: hm.layer_relevance(m, x, "hudd", layers=["Layer0"])
+    if key == "engine-compat":
+        return lambda m, x: hm.layer_relevance(m, x, "hudd-compat", layers=kept)
+    if key == "engine-composite":
+        return lambda m, x: hm.layer_relevance(m, x, "composite", layers=["Layer0"])
+    if key == "zennit":
         from zennit.attribution import Gradient
         from zennit.composites import EpsilonPlus
-    except ImportError:
-        return None, "zennit not installed (pip install zennit==0.5.1)"
 
-    def run(model, x):
-        with Gradient(model=model, composite=EpsilonPlus()) as attributor:
-            return attributor(x, predicted_logit)[1]
-    return run, None
-
-
-def captum_method():
-    try:
+        def run(m, x):
+            with Gradient(model=m, composite=EpsilonPlus()) as attributor:
+                return attributor(x, predicted_logit)[1]
+        return run
+    if key == "captum":
         from captum.attr import LRP
-    except ImportError:
-        return None, "captum not installed (pip install captum; not a project dependency)"
 
-    def run(model, x):
-        with torch.no_grad():
-            target = model(x).argmax(1)
-        return LRP(model).attribute(x, target=target)
-    return run, None
+        def run(m, x):
+            with torch.no_grad():
+                target = m(x).argmax(1)
+            try:
+                return LRP(m).attribute(x, target=target)
+            finally:
+                for module in m.modules():          # captum 0.9 leaves each layer's activations behind
+                    module.__dict__.pop("activations", None)
+        return run
+    raise KeyError(key)
 
 
-def methods(model, size):
-    kept = [row["layer"] for row in hm.layer_table(model, (3, size, size)) if row["kept"]]
-    found = {
-        "plain forward+backward": plain,
-        f"engine hudd, {len(kept)} kept layers": lambda m, x: hm.layer_relevance(m, x, "hudd", layers=kept),
-        "engine hudd, input only": lambda m, x: hm.layer_relevance(m, x, "hudd", layers=["Layer0"]),
-        "engine hudd-compat, kept layers": lambda m, x: hm.layer_relevance(m, x, "hudd-compat", layers=kept),
-        "engine composite, input only": lambda m, x: hm.layer_relevance(m, x, "composite", layers=["Layer0"]),
-    }
-    notes = []
-    for name, (run, note) in (("zennit 0.5.1 EpsilonPlus, input only", zennit_method()),
-                              ("captum LRP, input only", captum_method())):
-        if run is None:
-            notes.append(f"skipped {name}: {note}")
-        else:
-            found[name] = run
-    return found, notes
+def _cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def worker(key, batch, size, threads, repeat):
+    """Time `key` and plain alternately in this process; print one JSON line."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from models.alexnet import AlexNet
+
+    warnings.filterwarnings("ignore", category=UserWarning)     # captum's notes on input gradients
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = AlexNet(num_classes=NUM_CLASSES, input_size=size).eval()
+    x = torch.randn(batch, 3, size, size)
+    try:
+        method = make_method(key, model, size)
+    except ImportError as exc:
+        print(json.dumps({"skipped": str(exc)}))
+        return
+    runs = {"plain": plain, key: method}
+    wall = {name: [] for name in runs}
+    cpu = {name: [] for name in runs}
+    for round_ in range(repeat + 1):
+        for name, run in runs.items():
+            start, start_cpu = time.perf_counter(), _cpu_seconds()
+            run(model, x)
+            if round_:
+                wall[name].append(time.perf_counter() - start)
+                cpu[name].append(_cpu_seconds() - start_cpu)
+    print(json.dumps({"wall": wall, "cpu": cpu, "torch": torch.__version__}))
 
 
 def main(argv=None):
@@ -92,57 +133,50 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds after one warm-up round")
+    parser.add_argument("--only", nargs="*", choices=sorted(METHODS), help="methods to run (default: all)")
+    parser.add_argument("--worker", choices=sorted(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.worker:
+        worker(args.worker, args.batch, args.size, args.threads, args.repeat)
+        return
 
-    warnings.filterwarnings("ignore", category=UserWarning)     # captum's notes on input gradients
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = AlexNet(num_classes=NUM_CLASSES, input_size=args.size).eval()
-    x = torch.randn(args.batch, 3, args.size, args.size)
-    found, notes = methods(model, args.size)
-    for note in notes:
-        print(note)
-
-    times = {name: [] for name in found}
-    cpu = {name: [] for name in found}
-    failed = {}
-    for round_ in range(args.repeat + 1):
-        for name, run in found.items():
-            if name in failed:
-                continue
-            start, start_cpu = time.perf_counter(), _cpu_seconds()
-            try:
-                run(model, x)
-            except Exception as exc:      # a third-party library failing on this model is a result
-                failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
-                continue
-            if round_:
-                times[name].append(time.perf_counter() - start)
-                cpu[name].append(_cpu_seconds() - start_cpu)
-
-    print(f"AlexNet 3x{args.size}x{args.size}, batch {args.batch}, {args.threads} threads, "
-          f"median of {args.repeat} rounds (torch {torch.__version__})")
-    base = statistics.median(times["plain forward+backward"])
-    base_cpu = statistics.median(cpu["plain forward+backward"])
-    print(f"  {'method':40s} {'images/s':>8s} {'x plain':>8s} {'CPU s/batch':>12s} {'x plain (CPU)':>14s}")
-    for name in found:
-        if name in failed:
-            print(f"  {name:40s} failed: {failed[name]}")
+    rows, plain_rates, version = [], [], "?"
+    for key in args.only or METHODS:
+        label = METHODS[key][0]
+        command = [sys.executable, __file__, "--worker", key, "--batch", str(args.batch), "--size", str(args.size),
+                   "--threads", str(args.threads), "--repeat", str(args.repeat)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode or not lines:
+            error = (done.stderr.strip().splitlines() or ["no output"])[-1][:120]
+            rows.append((label, f"failed: {error}"))
             continue
-        wall, used = statistics.median(times[name]), statistics.median(cpu[name])
-        print(f"  {name:40s} {args.batch / wall:8.1f} {base / wall:8.2f} {used:12.2f} {base_cpu / used:14.2f}")
-    kept = next(name for name in found if "kept layers" in name)
-    if kept not in failed:
-        ratio = base / statistics.median(times[kept])
-        ratio_cpu = base_cpu / statistics.median(cpu[kept])
-        verdict = "met" if ratio >= TARGET_RATIO else "NOT met"
-        print(f"target: all kept layers >= {TARGET_RATIO} x plain: {verdict} on wall clock ({ratio:.2f}); "
-              f"{ratio_cpu:.2f} by CPU time")
+        result = json.loads(lines[-1])
+        if "skipped" in result:
+            rows.append((label, f"skipped: {result['skipped']} (pip install it to compare)"))
+            continue
+        version = result["torch"]
+        wall = {name: statistics.median(v) for name, v in result["wall"].items()}
+        cpu = {name: statistics.median(v) for name, v in result["cpu"].items()}
+        plain_rates.append(args.batch / wall["plain"])
+        rows.append((label, args.batch / wall[key], wall["plain"] / wall[key], cpu[key], cpu["plain"] / cpu[key]))
 
-
-def _cpu_seconds():
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+    print(f"AlexNet 3x{args.size}x{args.size}, batch {args.batch}, {args.threads} threads, median of "
+          f"{args.repeat} rounds, each method paired with plain in its own process (torch {version})")
+    if plain_rates:
+        print(f"  plain forward+backward: {statistics.median(plain_rates):.1f} images/s "
+              f"(median over the method processes; range {min(plain_rates):.1f}-{max(plain_rates):.1f})")
+    print(f"  {'method':38s} {'images/s':>8s} {'x plain':>8s} {'CPU s/batch':>12s} {'x plain (CPU)':>14s}")
+    for row in rows:
+        if isinstance(row[1], str):
+            print(f"  {row[0]:38s} {row[1]}")
+        else:
+            label, rate, ratio, used, ratio_cpu = row
+            print(f"  {label:38s} {rate:8.1f} {ratio:8.2f} {used:12.2f} {ratio_cpu:14.2f}")
+    kept = next((row for row in rows if row[0] == METHODS["engine-kept"][0] and not isinstance(row[1], str)), None)
+    if kept is not None:
+        verdict = "met" if kept[2] >= TARGET_RATIO else "NOT met"
+        print(f"target: all kept layers >= {TARGET_RATIO} x plain: {verdict} ({kept[2]:.2f} wall, {kept[4]:.2f} CPU)")
 
 
 if __name__ == "__main__":
