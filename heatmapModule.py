@@ -34,14 +34,13 @@ STORAGE_DTYPES = ("float32", "float16")
 class Term:
     """One summand of a layer's modified forward: z += layer(inputs, weights, bias).
 
-    inputs: x | x+ | x- | low | high (the zB bounds); weights/bias: all | positive | negative | zero;
-    sign: +1 or -1 (folded into the weights). Relevance = sum over terms of input ⊙ gradient.
+    inputs: x | x+ | x- | x-low | x-high (x minus the zB bounds); weights/bias: all | positive |
+    negative | zero. Relevance = sum over terms of input ⊙ gradient of the term.
     """
 
     inputs: str = "x"
     weights: str = "all"
     bias: str = "all"
-    sign: float = 1.0
 
 
 PLAIN = (Term(),)
@@ -86,8 +85,9 @@ UNPOOL_COMPAT = Rule("max-unpool (overwrites)", kind="unpool")
 EPSILON = Rule("epsilon", epsilon=ZENNIT_EPSILON, signed=True)
 ZPLUS = Rule("z+", terms=(Term("x+", "positive", "positive"), Term("x-", "negative", "zero")),
              epsilon=ZENNIT_EPSILON, signed=True)
-ZBOX = Rule("zB", terms=(Term("x"), Term("low", "positive", "positive", -1.0),
-                         Term("high", "negative", "negative", -1.0)),
+# zB: z = W x + b - (W+ l + b+) - (W- h + b-) = W+ (x - l) + W- (x - h), since W = W+ + W- and b = b+ + b-;
+# two terms instead of three, and R = (x - l) ⊙ J+^T S + (x - h) ⊙ J-^T S is the same relevance.
+ZBOX = Rule("zB", terms=(Term("x-low", "positive", "zero"), Term("x-high", "negative", "zero")),
             epsilon=ZENNIT_EPSILON, signed=True)
 
 RULES = {
@@ -446,9 +446,6 @@ def _term_params(module, norm, term):
         return hit[1]
     weight, bias = _merged(module, norm)
     weight, bias = _modify(weight, term.weights), _modify(bias, term.bias)
-    if term.sign != 1.0:
-        weight = weight * term.sign
-        bias = bias * term.sign if bias is not None else None
     cache[key] = (stamp, (weight, bias))
     return weight, bias
 
@@ -544,14 +541,17 @@ class _Session:
             source = _Contribution.apply(x, x.detach())
             return _Unpool.apply(source, output.detach(), indices, pool, rule.epsilon)
         z = None
+        nonnegative = _nonnegative(x) if any(t.inputs in ("x+", "x-") for t in rule.terms) else False
         for term in rule.terms:
-            value = self._term_input(x.detach(), term.inputs)
+            if nonnegative and term.inputs == "x-":
+                continue                          # x- is all zeros: the term adds nothing to z or to R
+            value = x.detach() if nonnegative and term.inputs == "x+" else self._term_input(x.detach(), term.inputs)
             source = _Contribution.apply(x, value)
             if layer.kind in ("conv", "linear"):
                 weight, bias = _term_params(layer.module, norm, term)
                 part = _apply(layer.module, source, weight, bias)
             else:
-                part = term.sign * _apply(layer.module, source, None, None)
+                part = _apply(layer.module, source, None, None)
             z = part if z is None else z + part
         return _Output.apply(z, output.detach(), rule.epsilon, rule.signed)
 
@@ -563,7 +563,7 @@ class _Session:
         if which == "x-":
             return x.clamp(max=0)
         low, high = self._bounds(x)
-        return (low if which == "low" else high).expand_as(x)
+        return x - (low if which == "x-low" else high)
 
     def _bounds(self, x):
         if self.bounds is None:
@@ -573,6 +573,11 @@ class _Session:
             return x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)
         low, high = (torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in self.bounds)
         return tuple(_channelwise(b, x) for b in (low, high))
+
+
+def _nonnegative(x):
+    """True when x has no negative entry (inputs after a ReLU), so that x+ = x and x- = 0."""
+    return x.device.type != "meta" and bool(x.min() >= 0)
 
 
 def _channelwise(bound, x):
