@@ -189,7 +189,6 @@ def test_input_relevance_matches_zennit():
     net = mixed(seed=3, inplace=False)
     net.bn1.eps = 0.0   # zennit's merged batchnorm still divides by sqrt(1 + eps); with eps 0 it is exact
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
-    start = predicted_logit(net(x).detach())
     low = torch.tensor([-2.0, -1.5, -2.5], dtype=torch.float64)
     high = torch.tensor([2.0, 2.5, 1.5], dtype=torch.float64)
     base = [(Activation, Pass()), (AvgPool, Norm())]
@@ -201,12 +200,17 @@ def test_input_relevance_matches_zennit():
             first_map=[(Convolution, ZBox(low.view(1, -1, 1, 1), high.view(1, -1, 1, 1)))],
             canonizers=[SequentialMergeBatchNorm()]),
     }
-    for rule, composite in composites.items():
-        with Gradient(model=net, composite=composite) as attributor:
-            _, expected = attributor(x, start)
-        got = hm.layer_relevance(net, x, rule=rule, bounds=(low, high), layers=["Layer0"])["Layer0"]
-        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9 * expected.abs().max().item(),
-                                   msg=lambda m: f"{rule}: {m}")
+    torch.manual_seed(5)
+    signed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                           nn.Linear(5 * 14 * 14, 3)).double().eval()    # the second conv sees negative inputs
+    for model in (net, signed):
+        start = predicted_logit(model(x).detach())
+        for rule, composite in composites.items():
+            with Gradient(model=model, composite=composite) as attributor:
+                _, expected = attributor(x, start)
+            got = hm.layer_relevance(model, x, rule=rule, bounds=(low, high), layers=["Layer0"])["Layer0"]
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9 * expected.abs().max().item(),
+                                       msg=lambda m: f"{type(model).__name__} {rule}: {m}")
 
 
 # ------------------------------------------------------------------------------------ (c) conservation
