@@ -4,7 +4,11 @@ One engine serves every rule (zennit-style): hooks placed around each layer for 
 insert small autograd functions, so that one ``torch.autograd.grad`` call returns relevance instead of
 the gradient at every layer input. A rule only declares how a layer's inputs, weights and denominator
 are modified; presets map layer kinds to rules. Works on any chain of supported layers (the built-in
-models, torchvision AlexNet and VGG) with no ``relprop`` method in the user's model.
+models, torchvision AlexNet and VGG) with no ``relprop`` method in the user's model. Functional ReLUs
+between modules keep their gradient, which equals pass-through wherever relevance arrives (every rule
+here multiplies by its layer's input, which is zero where such a ReLU clipped); BatchNorm2d is merged
+into the convolution before it for the computation only; modified weights (z+, zB) are cached per
+module until its parameters change.
 
     rel = layer_relevance(model, images)                 # {"Layer0": (B,3,256,256), "Layer1": ...}
     rel = layer_relevance(model, images, rule="composite", layers=["Layer0"])
