@@ -282,6 +282,22 @@ def test_torchvision_models_work_unchanged(name, size):
     assert no_hooks(net)
 
 
+def test_torchvision_alexnet_conserves_relevance_through_adaptive_pooling():
+    import torchvision
+
+    torch.manual_seed(6)
+    net = torchvision.models.alexnet(weights=None, num_classes=3).eval()   # 64 px: 1x1 map upsampled to 6x6
+    with torch.no_grad():
+        for m in net.modules():
+            if getattr(m, "bias", None) is not None:
+                m.bias.zero_()
+    x = torch.rand(2, 3, 64, 64)
+    start = predicted_logit(net(x).detach()).sum(1)
+    kept = [row["layer"] for row in hm.layer_table(net, (3, 64, 64)) if row["kept"]]
+    for name, rel in hm.layer_relevance(net, x, layers=kept).items():
+        torch.testing.assert_close(rel.flatten(1).sum(1), start, rtol=1e-3, atol=0, msg=lambda m: f"{name}: {m}")
+
+
 # --------------------------------------------------------------------- model left unchanged, errors
 
 def test_no_hook_left_and_model_restored_also_after_an_error():
