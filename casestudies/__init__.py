@@ -22,6 +22,7 @@ written, read back through common.data.ImageSet, saved to DNNModels/OriginalMode
 
 Measured at default scale (2 CPU cores shared with other jobs; see MEASURED below).
 """
+import time
 from pathlib import Path
 
 from common.errors import HUDDError
@@ -29,8 +30,8 @@ from common.errors import HUDDError
 NAMES = ("gaze", "openclosed", "fmnist")
 SCALE_NAMES = ("small", "default")
 TRAINING = {   # per case study and scale: epochs, learning rate, batch size
-    ("gaze", "default"): (10, 2e-3, 128), ("gaze", "small"): (2, 2e-3, 32),
-    ("openclosed", "default"): (6, 2e-3, 128), ("openclosed", "small"): (2, 2e-3, 32),
+    ("gaze", "default"): (14, 2e-3, 64), ("gaze", "small"): (2, 2e-3, 32),
+    ("openclosed", "default"): (6, 2e-3, 64), ("openclosed", "small"): (2, 2e-3, 32),
     ("fmnist", "default"): (3, 2e-3, 128), ("fmnist", "small"): (2, 2e-3, 32),
 }
 NET_WIDTH, NET_HIDDEN = 16, 256
@@ -58,8 +59,10 @@ def build(name, case_dir, seed=0, scale="default", progress=True, force=False, t
     marker = {"case_study": name, "seed": seed, "scale": scale}
     if casefolder.plan(case, marker, force) == "data":
         staging = casefolder.staging_dir(case)
+        start = time.time()
         mean, std = _write(name, staging, seed, scale, progress)
-        casefolder.publish(case, staging, {**marker, "mean": list(mean), "std": list(std)})
+        casefolder.publish(case, staging, {**marker, "mean": list(mean), "std": list(std),
+                                           "write_seconds": round(time.time() - start, 1)})
     written = casefolder.read_marker(case / "DataSets")
     channels, side = (1, 28) if name == "fmnist" else (3, _eye_size())
     spec = ImageSpec(channels, side, side, tuple(written["mean"]), tuple(written["std"]), "exact")

@@ -26,7 +26,14 @@ def main(argv=None):
     except HUDDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.name}: built {case}/DataSets and {case}/DNNModels/OriginalModel.pth in {time.time() - start:.0f} s")
+    import models
+    from casestudies.casefolder import read_marker
+
+    written = read_marker(case / "DataSets")
+    _, meta = models.load_model(case / "DNNModels" / "OriginalModel.pth")
+    print(f"{args.name}: {case}/DataSets (written in {written.get('write_seconds', 0):.0f} s) and "
+          f"{case}/DNNModels/OriginalModel.pth (trained in {meta['extra'].get('train_seconds', 0):.0f} s); "
+          f"{time.time() - start:.0f} s in all")
     return 0
 
 

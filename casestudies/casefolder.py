@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -117,6 +118,7 @@ def _train(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, ma
     dataset = ImageSet(case / "DataSets", train.images, spec, targets)
     model = models.SmallAlexNet(num_classes=len(train.classes), **arch_args)
     device = resolve_device("auto")
+    start = time.time()
     history = retrainModule.train_classifier(
         model, dataset, epochs=epochs, device=device, seed=seed, batch_size=batch_size,
         optimizer=functools.partial(retrainModule.adam, lr=lr),
@@ -127,5 +129,6 @@ def _train(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, ma
                       input_size=(spec.channels, spec.height, spec.width), mean=spec.mean, std=spec.std,
                       arch_args=dict(num_classes=len(train.classes), **arch_args), preprocess="exact",
                       extra={"trained_by": "casestudies", **{k: marker[k] for k in MARKER_KEYS},
-                             "epochs": epochs, "final_train_accuracy": history[-1]["train_accuracy"]})
+                             "epochs": epochs, "final_train_accuracy": history[-1]["train_accuracy"],
+                             "train_seconds": round(time.time() - start, 1)})
     return path

@@ -14,7 +14,7 @@ SPLIT_IDS = {"TrainingSet": 1, "TestSet": 2, "ImprovementSet": 3}
 TASK_IDS = {"gaze": 1, "openclosed": 2}
 SCALES = {
     "small": {"TrainingSet": 320, "TestSet": 120, "ImprovementSet": 120},
-    "default": {"TrainingSet": 12000, "TestSet": 3000, "ImprovementSet": 4000},
+    "default": {"TrainingSet": 14000, "TestSet": 3000, "ImprovementSet": 4000},
 }
 CHUNK = 250
 PNG_LEVEL = 1               # fast zlib level; the pixels are what matter

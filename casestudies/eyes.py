@@ -25,17 +25,19 @@ EYE_STATES = ("Closed", "Open")
 CLOSED_BELOW = 0.3          # eyelid opening under which an eye is labelled Closed
 
 # Parameter distributions (angles in degrees, sizes in units of the eye's half width) ----------------
-MAX_GAZE_DEG = 35.0         # gaze angles are uniform over a disc of this radius: near-centre gazes are rare
-HEAD_YAW_SD, HEAD_PITCH_SD, HEAD_ROLL_SD = 6.0, 5.0, 5.0
+MAX_GAZE_DEG = 40.0         # gaze angles are uniform over a disc of this radius: near-centre gazes are rare
+HEAD_YAW_SD, HEAD_PITCH_SD, HEAD_ROLL_SD = 5.0, 4.0, 3.0
 RARE_HEAD_POSE = 0.07       # share of images with an extreme head pose
 EXTREME_YAW_DEG, EXTREME_PITCH_DEG = (25.0, 45.0), (18.0, 32.0)
 RARE_LOW_LIGHT = 0.06       # share of images in very low light
 LOW_LIGHT, NORMAL_LIGHT = (0.1, 0.3), (0.6, 1.3)
-RARE_HALF_CLOSED = 0.08     # gaze: share of images with half-closed eyes
-HALF_CLOSED = (0.12, 0.42)
+RARE_HALF_CLOSED = 0.07     # gaze: share of images with half-closed eyes
+HALF_CLOSED = (0.15, 0.42)
 RARE_HEAVY_BLUR, RARE_HEAVY_NOISE = 0.05, 0.05
-GLASSES_SHARE = 0.15
-OC_CLOSED, OC_BORDERLINE = 0.4, 0.2   # openclosed: share of closed eyes and of the ambiguous band
+GLASSES_SHARE = 0.12
+OC_CLOSED, OC_BORDERLINE = 0.3, 0.35  # openclosed: share of closed eyes and of the ambiguous band
+OC_BAND = (0.18, 0.42)      # openclosed: the ambiguous band of eyelid openings around CLOSED_BELOW
+OC_EYE_SCALE = (0.5, 0.95)  # openclosed: the eye is seen from further away, so the lid gap is a few pixels
 
 # Geometry ------------------------------------------------------------------------------------------
 LID_RADIUS = 1.15           # the eyelids lie on a sphere through the corners (x = +-1, z = 0)
@@ -50,7 +52,7 @@ LID_POINTS = 33
 CONTOUR_POINTS = 32
 LOWER_LID = 0.3             # lower lid depth below the corners' line at x = 0
 LID_APERTURE = 0.95         # upper lid height above the lower lid at x = 0, eyelid opening 1
-LID_FOLLOWS_GAZE = 0.45     # the upper lid rises when looking up, drops when looking down
+LID_FOLLOWS_GAZE = 0.3      # the upper lid rises when looking up, drops when looking down
 CREASE_GAP = 0.25
 CORNEA_BULGE = 0.6          # the glint moves this much of the eyeball radius with the light
 
@@ -107,13 +109,13 @@ def sample_parameters(rng, n, task="gaze"):
         kind = rng.random(n)
         opened = np.clip(rng.normal(0.78, 0.12, n), 0.42, 1.0)
         p["eyelid_opening"] = np.where(kind < OC_CLOSED, u(0.0, 0.18),
-                                       np.where(kind < OC_CLOSED + OC_BORDERLINE, u(0.18, 0.45), opened))
+                                       np.where(kind < OC_CLOSED + OC_BORDERLINE, u(*OC_BAND), opened))
     extreme = rare(RARE_HEAD_POSE)
     which = rng.random(n) < 0.6                  # extreme poses are mostly turned, some tilted up/down
     p["head_yaw"] = np.where(extreme & which, sign() * u(*EXTREME_YAW_DEG), rng.normal(0, HEAD_YAW_SD, n))
     p["head_pitch"] = np.where(extreme & ~which, sign() * u(*EXTREME_PITCH_DEG), rng.normal(0, HEAD_PITCH_SD, n))
     p["head_roll"] = rng.normal(0, HEAD_ROLL_SD, n)
-    p["eye_scale"] = u(0.9, 1.1)
+    p["eye_scale"] = u(0.9, 1.1) if task == "gaze" else u(*OC_EYE_SCALE)
     p["eye_shift_x"], p["eye_shift_y"] = u(-0.05, 0.05), u(-0.04, 0.04)
     p["lid_skew"] = u(-0.2, 0.2)
     p["iris_size"] = u(0.34, 0.46)
@@ -270,7 +272,8 @@ def render_eye(p, size=REFERENCE_SIZE, rng=None):
 
     skin = (SKIN_DARK + (SKIN_LIGHT - SKIN_DARK) * p["skin_brightness"]) * skin_shade[..., None]
     occlusion = gaussian_filter(a_open, 1.2 * line)                      # lids shade the eyeball's edge
-    sclera = (SCLERA * p["sclera_brightness"]) * (0.45 + 0.55 * occlusion)[..., None] * (1 - 0.3 * xr.clip(-1, 1) ** 2)[..., None]
+    corner_shadow = 1 - 0.3 * xr.clip(-1, 1) ** 2
+    sclera = SCLERA * p["sclera_brightness"] * ((0.45 + 0.55 * occlusion) * corner_shadow)[..., None]
     iris_colour = np.clip(IRIS_COLOURS[int(p["iris_colour"])] * p["iris_brightness"], 0, 1)
     eye = sclera * eye_shade[..., None]
     ring = np.clip(a_iris - a_inner, 0, 1)
