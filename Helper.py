@@ -42,6 +42,8 @@ class Options:
     trust_model: bool = False
     xlsx: bool = True
     progress: bool = True
+    threshold: float = 4.0      # keypoint regressors: Wrong when the mean keypoint error is above this (px)
+    freeze: int = 0             # keypoint regressors: convolutions left untrained when retraining (original: 4)
 
     def subset(self, names):
         return {name: getattr(self, name) for name in names}
@@ -49,12 +51,12 @@ class Options:
 
 # Options that change a step's outputs; a change reruns the step and everything after it.
 STEP_OPTIONS = {
-    "test": (),
+    "test": ("threshold",),
     "heatmaps": ("rule", "heatmap_dtype"),
     "distances": ("xlsx",),
     "clusters": ("max_clusters", "rq"),
     "assign": ("rule", "assign_factor"),
-    "retrain": ("mode", "epochs", "reps", "seed", "baseline_budget_factor", "select"),
+    "retrain": ("mode", "epochs", "reps", "seed", "baseline_budget_factor", "select", "threshold", "freeze"),
 }
 
 
@@ -72,30 +74,48 @@ class Case:
         self.t = self.dir / "T"
         self.datasets = self.dir / "DataSets"
         self.model_path = models.resolve_model_path(self.dir, model_name)
-        self._model = self._splits = self._classes = None
+        self._model = self._splits = self._classes = self._loaded = None
         self._lock = None
 
     # --- what the steps share -------------------------------------------------------------
+    def _load(self):
+        if self._loaded is None:
+            import models
+            from common.data import resolve_device
+
+            self._loaded = models.load_model(self.model_path, resolve_device(self.options.device),
+                                             trust=self.options.trust_model)
+        return self._loaded
+
+    @property
+    def keypoints(self):
+        """True for a keypoint regressor (model task "keypoints"): splits are flat folders with labels.csv."""
+        from testModule import is_keypoint_task
+
+        return is_keypoint_task(self._load()[1])
+
     @property
     def splits(self):
         from common.data import list_case
+        from testModule import list_keypoint_case
 
         if self._splits is None:
-            self._splits = list_case(self.dir)
+            self._splits = list_keypoint_case(self.dir, self._load()[1]["classes"]) if self.keypoints \
+                else list_case(self.dir)
         return self._splits
 
     @property
     def model(self):
-        """(model, meta) with the classes checked against the class folders."""
+        """(model, meta) with the classes checked against the class folders (keypoint names: their components)."""
         if self._model is None:
-            import models
-            from common.data import resolve_device
-            from testModule import check_classes
+            from testModule import check_classes, keypoint_components
 
-            model, meta = models.load_model(self.model_path, resolve_device(self.options.device),
-                                            trust=self.options.trust_model)
+            model, meta = self._load()
             meta = dict(meta)
-            meta["classes"] = check_classes(meta, self.splits, self.model_path)
+            if self.keypoints:
+                keypoint_components(meta)
+            else:
+                meta["classes"] = check_classes(meta, self.splits, self.model_path)
             if meta.get("input_size") is None:
                 raise HUDDError(f"{self.model_path}: the pickled model names no input size; re-save it with "
                                 f"models.save_model(..., input_size=(C, H, W), mean=..., std=...)")
@@ -242,13 +262,20 @@ def _step_test(case):
     import testModule
 
     model, meta = case.model
-    frames = testModule.write_results(case.dir, case.splits, model, meta, meta["classes"], case.device,
-                                      case.options.batch_size, case.options.workers, case.options.progress)
+    if case.keypoints:
+        frames = testModule.write_keypoint_results(case.dir, case.splits, model, meta, case.device,
+                                                   case.options.batch_size, case.options.workers,
+                                                   case.options.progress, case.options.threshold)
+    else:
+        frames = testModule.write_results(case.dir, case.splits, model, meta, meta["classes"], case.device,
+                                          case.options.batch_size, case.options.workers, case.options.progress)
     outputs = [case.dir / testModule.RESULT_FILES[name] for name in frames] + [case.t / "skipped.csv"]
     test = frames["TestSet"]
     summary = {"test_accuracy": testModule.accuracy_of(test), "test_images": len(test),
                "test_errors": int((test["result"] == "Wrong").sum()),
                "skipped": sum(len(s) for s in case.splits.values()) - sum(len(f) for f in frames.values())}
+    if case.keypoints:
+        summary["mean_error"] = float(test["avg_error"].mean())
     if summary["skipped"]:
         print(f"[test] {summary['skipped']} unreadable images skipped; see {case.t / 'skipped.csv'}")
     return outputs, summary
@@ -287,9 +314,15 @@ def _step_heatmaps(case):
     out = case.t / "Heatmaps"
     dataset = ImageSet(case.datasets, wrong["image"].tolist(), ImageSpec.from_meta(meta))
     opts = case.options
+    start_fn = None
+    if case.keypoints:      # the worst keypoint's output map alone (worst by the ground truth), as the original
+        import testModule
+
+        worst = [list(meta["classes"]).index(k) for k in wrong["worst_KP"]]
+        start_fn = lambda outputs, indices: testModule.worst_keypoint_start(outputs, [worst[i] for i in indices])
     layers = heatmapModule.write_heatmaps(model, dataset, out, rule=opts.rule, batch_size=opts.batch_size,
                                           device=case.device, workers=opts.workers, dtype=opts.heatmap_dtype,
-                                          progress=opts.progress)
+                                          start_fn=start_fn, progress=opts.progress)
     write_csv(out / "index.csv", pd.DataFrame({"row": range(len(wrong)), "image": wrong["image"]}))
     for stale in out.glob("*.npy"):
         if stale.stem not in layers:
@@ -370,11 +403,15 @@ def _step_assign(case):
     heatmaps = np.load(case.t / "Heatmaps" / f"{layer}.npy", mmap_mode="r")
     improvement = case.splits["ImprovementSet"]
     dataset = ImageSet(case.datasets, improvement.images, ImageSpec.from_meta(meta))
+    start = None
+    if case.keypoints:      # no ground truth for improvement images: the least confident keypoint's map
+        from testModule import least_confident_start as start
     batches = assignModule.improvement_heatmaps(model, dataset, layer, case.options.batch_size, case.device,
                                                 rule=case.options.rule, workers=case.options.workers,
-                                                progress=case.options.progress)
+                                                progress=case.options.progress, start=start)
     unsafe = assignModule.select_unsafe_set(heatmaps, labels, batches, factor=case.options.assign_factor)
-    folder = assignModule.write_unsafe_set(case.t, unsafe, case.datasets, improvement.labelled)
+    # Keypoint ground truth of the unsafe set goes to DataSets/ImprovementSet/labels.csv, not a class column.
+    folder = assignModule.write_unsafe_set(case.t, unsafe, case.datasets, improvement.labelled or case.keypoints)
     report.write_report(case.dir)
     return [folder], {"layer": layer, "unsafe_images": int(len(unsafe)),
                             "clusters_served": int(unsafe["cluster"].nunique()) if len(unsafe) else 0}
@@ -388,7 +425,7 @@ def _step_retrain(case):
     frame = retrainModule.retrain(case.dir, case.model_path, opts.mode, reps=opts.reps, seed=opts.seed,
                                   epochs=opts.epochs, select=opts.select, budget_factor=opts.baseline_budget_factor,
                                   device=opts.device, workers=opts.workers, trust=opts.trust_model,
-                                  progress=opts.progress)
+                                  progress=opts.progress, threshold=opts.threshold, freeze=opts.freeze)
     models_written = [case.dir / "DNNModels" / name for name in frame["model"]]
     report.write_report(case.dir)
     return [case.t / f"retrain_{opts.mode}.csv", *models_written], retrainModule.retrain_summary(frame)
@@ -427,6 +464,9 @@ def summary_text(case_dir, summaries):
     if test:
         lines.append(f"  test accuracy        {100 * test['test_accuracy']:.2f}% "
                      f"({test['test_errors']} errors in {test['test_images']} test images)")
+        if test.get("mean_error") is not None:
+            lines.append(f"  mean keypoint error  {test['mean_error']:.2f} px (accuracy = share of images within "
+                         f"the threshold)")
     clusters = summaries.get("clusters")
     if clusters:
         lines.append(f"  best layer           {clusters['best_layer']}  ({clusters['clusters']} root-cause clusters)")
@@ -440,6 +480,9 @@ def summary_text(case_dir, summaries):
     if retrain:
         lines.append(f"  after retraining     {100 * retrain['test_accuracy']:.2f}% "
                      f"({retrain['mode']}, gain {retrain['gain']:+.2f} points)")
+        if retrain.get("mean_error") is not None:
+            lines.append(f"  mean keypoint error  {retrain['original_mean_error']:.2f} px before, "
+                         f"{retrain['mean_error']:.2f} px after retraining")
     report = Path(case_dir) / "T" / "report.html"
     if report.is_file():
         lines.append(f"  report               {report.resolve()}")

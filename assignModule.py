@@ -163,10 +163,13 @@ def select_unsafe_set(cluster_heatmaps, cluster_labels, improvement_batches, fac
     return greedy_assign(keys, cluster_ids, distances, quotas)
 
 
-def improvement_heatmaps(model, dataset, layer, batch_size, device, rule="hudd", workers=0, progress=True):
+def improvement_heatmaps(model, dataset, layer, batch_size, device, rule="hudd", workers=0, progress=True,
+                         start=None):
     """Yield (image keys, flattened float32 heatmaps of `layer`) over `dataset` (an ImageSet), batch by batch.
 
-    Relevance starts from the predicted class, as for the error images. Unreadable images are skipped.
+    Relevance starts from the predicted class, as for the error images, or from `start(outputs)` (a
+    keypoint regressor: testModule.least_confident_start, which needs no ground truth). Unreadable
+    images are skipped.
     """
     import torch
 
@@ -179,7 +182,7 @@ def improvement_heatmaps(model, dataset, layer, batch_size, device, rule="hudd",
         keep = [i for i, e in enumerate(errors) if not e]
         if not keep:
             continue
-        relevance = layer_relevance(model, inputs[keep].to(device), rule=rule, layers=[layer])[layer]
+        relevance = layer_relevance(model, inputs[keep].to(device), rule=rule, start=start, layers=[layer])[layer]
         if torch.is_tensor(relevance):
             relevance = relevance.detach().float().cpu().numpy()
         keys = [dataset.images[int(indices[i])] for i in keep]

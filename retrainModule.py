@@ -44,6 +44,11 @@ def accuracy(model, dataset, device, batch_size=256, workers=0, desc=None):
     return correct / max(total, 1)
 
 
+def rmsprop(params, lr=1e-3):
+    """The original's keypoint (FLD) retraining optimiser."""
+    return torch.optim.RMSprop(params, lr=lr)
+
+
 def train_classifier(model, train_set, *, epochs, device, optimizer=sgd, batch_size=128, seed=0, workers=0,
                      select="train-accuracy", val_set=None, desc="train", progress=True, scheduler=None):
     """Train `model` in place with cross-entropy and keep its best epoch.
@@ -52,17 +57,89 @@ def train_classifier(model, train_set, *, epochs, device, optimizer=sgd, batch_s
     "val-accuracy" (best by accuracy on `val_set`) or "last". Returns the history, one dict per epoch;
     the model ends with the best epoch's weights.
     """
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step(outputs, targets):
+        return loss_fn(outputs, targets), (outputs.argmax(1) == targets).sum().item()
+
+    validate = (lambda: accuracy(model, val_set, device, workers=workers)) if val_set is not None else None
+    return _fit(model, train_set, step, validate, epochs=epochs, device=device, optimizer=optimizer,
+                batch_size=batch_size, seed=seed, workers=workers, select=select, desc=desc, progress=progress,
+                scheduler=scheduler)
+
+
+GAUSSIAN_SIGMA = 5.0           # px: the original's keypoint target maps
+GAUSSIAN_SCALE = 10.0          # their peak value
+FROZEN_CONVS = 4               # the original's modifyToTrain froze conv2d_1 to conv2d_4 (optional here)
+
+
+def gaussian_targets(coords, size, sigma=GAUSSIAN_SIGMA, scale=GAUSSIAN_SCALE):
+    """(B, K, 2) keypoints (x, y in pixel-index units, NaN = missing) -> (B, K, H, W) target maps:
+    scale * exp(-d^2 / (2 sigma^2)) around each keypoint; a missing keypoint's map is all zero."""
+    coords = torch.as_tensor(coords, dtype=torch.float32)
+    h, w = int(size[0]), int(size[1])
+    ys = torch.arange(h, dtype=torch.float32, device=coords.device).view(1, 1, h, 1)
+    xs = torch.arange(w, dtype=torch.float32, device=coords.device).view(1, 1, 1, w)
+    dx = xs - coords[..., 0, None, None]
+    dy = ys - coords[..., 1, None, None]
+    maps = scale * torch.exp(-(dx ** 2 + dy ** 2) / (2 * sigma ** 2))
+    return torch.nan_to_num(maps, nan=0.0)
+
+
+def freeze_convolutions(model, count=FROZEN_CONVS):
+    """Stop training the first `count` convolutions (the original froze KPNet's first four when retraining)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)][:count]
+    for conv in convs:
+        for param in conv.parameters():
+            param.requires_grad_(False)
+    return len(convs)
+
+
+def train_keypoints(model, train_set, *, epochs, device, optimizer=rmsprop, batch_size=128, seed=0, workers=0,
+                    select="train-loss", val_set=None, desc="train", progress=True, scheduler=None,
+                    sigma=GAUSSIAN_SIGMA, scale=GAUSSIAN_SCALE, threshold=None, freeze=0):
+    """Train a keypoint regressor in place: MSE between its output maps and Gaussian target maps.
+
+    train_set yields (image, (K, 2) keypoints with NaN for missing). `select`: "train-loss" (the
+    original: lowest mean training loss), "val-accuracy" (share of `val_set` images whose mean error is
+    within `threshold`), "train-accuracy" (that share on the training batches) or "last". `freeze`:
+    leave the first that many convolutions untrained (the original: 4). History as train_classifier.
+    """
+    from testModule import DEFAULT_THRESHOLD, decode_keypoints, keypoint_errors, mean_errors, predict_keypoints
+
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    if freeze:
+        freeze_convolutions(model, freeze)
+    loss_fn = nn.MSELoss()
+
+    def step(outputs, targets):
+        loss = loss_fn(outputs, gaussian_targets(targets, outputs.shape[-2:], sigma, scale))
+        errors = mean_errors(keypoint_errors(decode_keypoints(outputs.detach().cpu()), targets.cpu().numpy()))
+        return loss, int((errors <= threshold).sum())
+
+    def validate():
+        coords, _, _ = predict_keypoints(model, val_set, device, workers=workers, progress=False)
+        errors = mean_errors(keypoint_errors(coords, np.stack(val_set.targets)))
+        return float(np.mean(errors <= threshold))
+
+    return _fit(model, train_set, step, validate if val_set is not None else None, epochs=epochs, device=device,
+                optimizer=optimizer, batch_size=batch_size, seed=seed, workers=workers, select=select, desc=desc,
+                progress=progress, scheduler=scheduler)
+
+
+def _fit(model, train_set, step, validate, *, epochs, device, optimizer, batch_size, seed, workers, select, desc,
+         progress, scheduler):
+    """The one training loop: `step(outputs, targets)` -> (loss, images right); keeps the best epoch by `select`."""
     from tqdm import tqdm
 
-    if select == "val-accuracy" and val_set is None:
+    if select == "val-accuracy" and validate is None:
         raise ValueError("select='val-accuracy' needs a val_set")
     seed_everything(seed)
     model.to(device)
-    opt = optimizer(model.parameters())
+    opt = optimizer([p for p in model.parameters() if p.requires_grad])
     sched = scheduler(opt) if scheduler else None
-    loss_fn = nn.CrossEntropyLoss()
     generator = torch.Generator().manual_seed(seed)
-    best_score, best_state, history = -1.0, None, []
+    best_score, best_state, history = -math.inf, None, []
     bar = tqdm(range(epochs), desc=desc, unit="epoch", dynamic_ncols=True, disable=not progress)
     for epoch in bar:
         model.train()
@@ -74,20 +151,19 @@ def train_classifier(model, train_set, *, epochs, device, optimizer=sgd, batch_s
             if len(targets) == 0:
                 continue
             opt.zero_grad(set_to_none=True)
-            logits = model(inputs)
-            loss = loss_fn(logits, targets)
+            loss, right = step(model(inputs), targets)
             loss.backward()
             opt.step()
             seen += len(targets)
-            correct += (logits.argmax(1) == targets).sum().item()
+            correct += right
             loss_sum += loss.item() * len(targets)
         if sched:
             sched.step()
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
-        if val_set is not None:
-            record["val_accuracy"] = accuracy(model, val_set, device, workers=workers)
+        if validate is not None:
+            record["val_accuracy"] = validate()
         history.append(record)
-        score = {"train-accuracy": record["train_accuracy"], "last": epoch,
+        score = {"train-accuracy": record["train_accuracy"], "train-loss": -record["train_loss"], "last": epoch,
                  "val-accuracy": record.get("val_accuracy", 0.0)}[select]
         if score > best_score:
             best_score, best_state = score, copy.deepcopy(model.state_dict())
@@ -102,7 +178,7 @@ def train_classifier(model, train_set, *, epochs, device, optimizer=sgd, batch_s
 
 DEFAULT_EPOCHS = 10            # the original's GD and OC case studies (TS 12, OD and HPD 13)
 MODES = ("HUDD", "BL1", "BL2")
-SELECTIONS = ("train-accuracy", "val-accuracy", "last")
+SELECTIONS = ("train-accuracy", "val-accuracy", "last", "train-loss")
 DEFAULT_HOLDOUT = 0.1          # share of the training set held out when select="val-accuracy"
 DEFAULT_BUDGET_FACTOR = 1.0    # baselines label as many images as HUDD (the paper); 0.3 = the original code
 RETRAIN_BATCH_SIZE = 128       # the original's
@@ -111,6 +187,7 @@ PAD_STREAM = 1                 # padding draws from its own random stream, not t
 RETRAIN_COLUMNS = ["mode", "rep", "seed", "n_labelled", "n_train_added", "n_distinct_added", "epochs",
                    "best_epoch", "test_accuracy", "original_accuracy", "gain", "improved", "worsened",
                    "improved_per_cluster", "model"]
+KEYPOINT_COLUMNS = ["mean_error", "original_mean_error", "share_under_threshold", "threshold"]   # px, px, fraction, px
 
 
 def rep_seed(seed, rep):
@@ -231,11 +308,23 @@ def read_unsafe(case_dir):
     return unsafe
 
 
-def _unsafe_labels(case_dir, unsafe, splits, classes):
-    """Labels of the unsafe set: the class folders (simulated step 5) or the engineer's labels.csv."""
+def _unsafe_labels(case_dir, unsafe, splits, classes, keypoints=False):
+    """Labels of the unsafe set: the class folders (simulated step 5) or the engineer's labels.csv.
+
+    For keypoints, the rows of DataSets/ImprovementSet/labels.csv (which the engineer extends with the
+    unsafe set's keypoints in real use, HUDD step 5).
+    """
     import assignModule
 
     improvement = splits["ImprovementSet"]
+    if keypoints:
+        label_of = _split_labels(improvement)
+        todo = [i for i in unsafe["image"] if i not in label_of]
+        if todo:
+            raise HUDDError(f"{Path(case_dir) / 'DataSets' / 'ImprovementSet' / 'labels.csv'}: no keypoints for "
+                            f"{len(todo)} unsafe-set images (first: {todo[0]}); add their rows (image,<keypoint>_x,"
+                            f"<keypoint>_y,...) for the images of T/UnsafeSet/unsafe.csv, then rerun -step retrain")
+        return {i: label_of[i] for i in unsafe["image"]}
     if not improvement.labelled:
         return assignModule.read_labels(Path(case_dir) / "T", classes)
     label_of = dict(zip(improvement.images, improvement.labels))
@@ -283,7 +372,7 @@ def _per_cluster(improved_images, members):
 
 def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT_EPOCHS, select="train-accuracy",
             holdout=DEFAULT_HOLDOUT, budget_factor=DEFAULT_BUDGET_FACTOR, pad_baselines=True, device="auto",
-            batch_size=RETRAIN_BATCH_SIZE, workers=0, progress=True, trust=False):
+            batch_size=RETRAIN_BATCH_SIZE, workers=0, progress=True, trust=False, threshold=None, freeze=0):
     """HUDD step 7 (or a baseline), `reps` times: retrain the analysed model on the training set + the mode's images.
 
     Each repetition starts from the model file's weights, trains with SGD (lr 1e-3, momentum 0.9,
@@ -292,6 +381,12 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
     Saves DNNModels/<mode>_<rep>_<test accuracy %>.pth and T/retrain_<mode>.csv (RETRAIN_COLUMNS, one
     row per repetition, written after each one; test_accuracy a fraction, gain in percentage points;
     improved/worsened = test images whose result changed against testResult.csv). Returns that table.
+
+    A keypoint regressor (task "keypoints") is retrained as the original's retrainKP: RMSprop lr 1e-3,
+    MSE on Gaussian target maps, best epoch by training loss ("train-accuracy" means that for it),
+    the first `freeze` convolutions frozen (the original: 4; default 0); its ground truth comes from the
+    splits' labels.csv; test_accuracy is the share of test images whose mean keypoint error is within
+    `threshold` px, and KEYPOINT_COLUMNS add the mean keypoint errors before and after.
     """
     import models
     import testModule
@@ -306,67 +401,104 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
     device = resolve_device(device)
     datasets = case_dir / "DataSets"
     _, meta = models.load_model(model_path, "cpu", trust=trust)
-    splits = list_case(case_dir, need=("TrainingSet", "TestSet", "ImprovementSet"))
-    classes = testModule.check_classes(meta, splits, model_path)
+    keypoints = testModule.is_keypoint_task(meta)
+    threshold = testModule.DEFAULT_THRESHOLD if threshold is None else float(threshold)
+    need = ("TrainingSet", "TestSet", "ImprovementSet")
+    if keypoints:
+        classes = list(meta["classes"])
+        splits = testModule.list_keypoint_case(case_dir, classes, need=need)
+        encode = lambda label: label
+    else:
+        splits = list_case(case_dir, need=need)
+        classes = testModule.check_classes(meta, splits, model_path)
+        encode = classes.index
     spec = ImageSpec.from_meta(meta)
     unsafe = read_unsafe(case_dir)
     members = read_cluster_members(case_dir)
     cluster_sizes = members["cluster"].value_counts().to_dict()
     tested = testModule.read_results(case_dir / "testResult.csv")
     if mode == "HUDD":
-        label_of = _unsafe_labels(case_dir, unsafe, splits, classes)
+        label_of = _unsafe_labels(case_dir, unsafe, splits, classes, keypoints)
         pool, wrong = [], []
     elif not splits["ImprovementSet"].labelled:
         raise HUDDError(f"{datasets / 'ImprovementSet'}: {mode} simulates labelling random improvement images, "
                         f"so it needs the improvement set in class folders; use -mode HUDD for a flat set")
     else:
         improvement = testModule.read_results(case_dir / "improveResult.csv")
-        label_of = dict(zip(improvement["image"], improvement["expected"]))
-        pool, wrong = improvement["image"].tolist(), (improvement["result"] == "Wrong").tolist()
+        label_of = _split_labels(splits["ImprovementSet"]) if keypoints else \
+            dict(zip(improvement["image"], improvement["expected"]))
+        labelled = improvement[improvement["result"].isin(["Correct", "Wrong"])]
+        pool, wrong = labelled["image"].tolist(), (labelled["result"] == "Wrong").tolist()
     train = splits["TrainingSet"]
     test_images = list(tested["image"])
-    test_targets = [classes.index(c) for c in tested["expected"]]
+    test_labels = [_split_labels(splits["TestSet"])[i] for i in test_images] if keypoints else list(tested["expected"])
+    test_targets = [encode(label) for label in test_labels]
     was_correct = (tested["result"] == "Correct").to_numpy()
     original_accuracy = float(was_correct.mean())
     test_set = ImageSet(datasets, test_images, spec, test_targets)
     out_csv = case_dir / "T" / f"retrain_{mode}.csv"
+    columns = RETRAIN_COLUMNS + (KEYPOINT_COLUMNS if keypoints else [])
     rows = []
     for rep in range(1, reps + 1):
         seed_r = rep_seed(seed, rep)
         added, n_labelled = retraining_images(mode, unsafe, cluster_sizes, pool, wrong, seed_r, budget_factor,
                                               pad_baselines)
         images = list(train.images)
-        targets = [classes.index(c) for c in train.labels]
+        targets = [encode(label) for label in train.labels]
         val_set = None
         if select == "val-accuracy":
             fit, held = _holdout_split(len(images), holdout, seed_r)
             val_set = ImageSet(datasets, [images[i] for i in held], spec, [targets[i] for i in held])
             images, targets = [images[i] for i in fit], [targets[i] for i in fit]
         images += added
-        targets += [classes.index(label_of[i]) for i in added]
+        targets += [encode(label_of[i]) for i in added]
         model, _ = models.load_model(model_path, device, trust=trust)
-        history = train_classifier(model, ImageSet(datasets, images, spec, targets), epochs=epochs, device=device,
-                                   optimizer=sgd, batch_size=batch_size, seed=seed_r, workers=workers,
-                                   select=select, val_set=val_set, desc=f"{mode} rep {rep}/{reps}", progress=progress)
-        logits, skipped = testModule.predict(model, test_set, device, batch_size, workers)
-        now_correct = np.array([i not in skipped and int(np.argmax(row)) == t
-                                for i, (row, t) in enumerate(zip(logits, test_targets))])
+        train_set = ImageSet(datasets, images, spec, targets)
+        common = dict(epochs=epochs, device=device, batch_size=batch_size, seed=seed_r, workers=workers,
+                      val_set=val_set, desc=f"{mode} rep {rep}/{reps}", progress=progress)
+        if keypoints:
+            select_used = "train-loss" if select == "train-accuracy" else select
+            history = train_keypoints(model, train_set, optimizer=rmsprop, select=select_used, threshold=threshold,
+                                      freeze=freeze, **common)
+            coords, _, skipped = testModule.predict_keypoints(model, test_set, device, batch_size, workers,
+                                                              progress=False)
+            errors = testModule.mean_errors(testModule.keypoint_errors(coords, np.stack(test_targets)))
+            now_correct = np.array([i not in skipped for i in range(len(test_images))]) & (errors <= threshold)
+        else:
+            select_used = select
+            history = train_classifier(model, train_set, optimizer=sgd, select=select, **common)
+            logits, skipped = testModule.predict(model, test_set, device, batch_size, workers)
+            now_correct = np.array([i not in skipped and int(np.argmax(row)) == t
+                                    for i, (row, t) in enumerate(zip(logits, test_targets))])
         test_accuracy = float(now_correct.mean())
         improved = [img for img, a, b in zip(test_images, was_correct, now_correct) if not a and b]
-        best = _best_epoch(history, select)
-        info = {"mode": mode, "rep": rep, "seed": seed_r, "epochs": epochs, "best_epoch": best, "select": select}
+        best = _best_epoch(history, select_used)
+        info = {"mode": mode, "rep": rep, "seed": seed_r, "epochs": epochs, "best_epoch": best, "select": select_used}
         saved = _save_retrained(case_dir, model, meta, model_path, mode, rep, test_accuracy, info)
-        rows.append({"mode": mode, "rep": rep, "seed": seed_r, "n_labelled": n_labelled,
-                     "n_train_added": len(added), "n_distinct_added": len(set(added)), "epochs": epochs,
-                     "best_epoch": best, "test_accuracy": test_accuracy, "original_accuracy": original_accuracy,
-                     "gain": 100 * (test_accuracy - original_accuracy), "improved": len(improved),
-                     "worsened": int((was_correct & ~now_correct).sum()),
-                     "improved_per_cluster": _per_cluster(improved, members), "model": saved.name})
-        write_csv(out_csv, pd.DataFrame(rows, columns=RETRAIN_COLUMNS))
-    return pd.DataFrame(rows, columns=RETRAIN_COLUMNS)
+        row = {"mode": mode, "rep": rep, "seed": seed_r, "n_labelled": n_labelled,
+               "n_train_added": len(added), "n_distinct_added": len(set(added)), "epochs": epochs,
+               "best_epoch": best, "test_accuracy": test_accuracy, "original_accuracy": original_accuracy,
+               "gain": 100 * (test_accuracy - original_accuracy), "improved": len(improved),
+               "worsened": int((was_correct & ~now_correct).sum()),
+               "improved_per_cluster": _per_cluster(improved, members), "model": saved.name}
+        if keypoints:
+            row.update({"mean_error": float(np.nanmean(errors)),
+                        "original_mean_error": float(tested["avg_error"].astype(float).mean()),
+                        "share_under_threshold": test_accuracy, "threshold": threshold})
+        rows.append(row)
+        write_csv(out_csv, pd.DataFrame(rows, columns=columns))
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _split_labels(split):
+    """{image: its keypoints} of a keypoint split (only its labelled images)."""
+    return {i: label for i, label in zip(split.images, split.labels) if label is not None}
 
 
 def _best_epoch(history, select):
+    if select == "train-loss":
+        losses = [h["train_loss"] for h in history]
+        return 1 + losses.index(min(losses))
     key = {"train-accuracy": "train_accuracy", "val-accuracy": "val_accuracy"}.get(select)
     if key is None:
         return len(history)
@@ -376,9 +508,13 @@ def _best_epoch(history, select):
 
 def retrain_summary(frame):
     """What the run summary prints: the mode, mean test accuracy (fraction) and mean gain (points)."""
-    return {"mode": str(frame["mode"].iloc[0]), "reps": int(len(frame)),
-            "test_accuracy": float(frame["test_accuracy"].mean()), "gain": float(frame["gain"].mean()),
-            "improved": float(frame["improved"].mean()), "worsened": float(frame["worsened"].mean())}
+    summary = {"mode": str(frame["mode"].iloc[0]), "reps": int(len(frame)),
+               "test_accuracy": float(frame["test_accuracy"].mean()), "gain": float(frame["gain"].mean()),
+               "improved": float(frame["improved"].mean()), "worsened": float(frame["worsened"].mean())}
+    if "mean_error" in frame.columns:
+        summary.update(mean_error=float(frame["mean_error"].mean()),
+                       original_mean_error=float(frame["original_mean_error"].mean()))
+    return summary
 
 
 # --- RQ2: HUDD against BL1 and BL2 -----------------------------------------------------------
@@ -404,7 +540,8 @@ def mann_whitney_p(x, y):
 
 def rq2_table(results, reference="HUDD"):
     """Per mode: repetitions, mean/std/min/max of test accuracy (%) and gain (points), and for each
-    other mode the Mann-Whitney p-value and A12 of `reference` against it (on test accuracy)."""
+    other mode the Mann-Whitney p-value and A12 of `reference` against it (on test accuracy). For keypoint
+    regressors test accuracy is the share of images within the error threshold, and mean_error_* (px) are added."""
     missing = {"mode", "test_accuracy", "gain"} - set(results.columns)
     if missing:
         raise HUDDError(f"RQ2 results: missing columns {sorted(missing)}; pass the retrain_<mode>.csv rows")
@@ -418,6 +555,10 @@ def rq2_table(results, reference="HUDD"):
         for name, values in (("accuracy", acc), ("gain", gain)):
             row.update({f"{name}_mean": values.mean(), f"{name}_std": values.std(ddof=1) if len(values) > 1 else
                         float("nan"), f"{name}_min": values.min(), f"{name}_max": values.max()})
+        if "mean_error" in part.columns and part["mean_error"].notna().any():
+            error = part["mean_error"]     # keypoints: mean keypoint error (px); accuracy = share under threshold
+            row.update({"mean_error_mean": error.mean(), "mean_error_std": error.std(ddof=1) if len(error) > 1 else
+                        float("nan"), "mean_error_min": error.min(), "mean_error_max": error.max()})
         other = part["test_accuracy"].to_numpy()
         row[f"p_value_{reference}_vs"] = float("nan") if mode == reference else mann_whitney_p(ref, other)
         row[f"a12_{reference}_vs"] = float("nan") if mode == reference else a12(ref, other)

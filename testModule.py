@@ -96,11 +96,248 @@ def read_results(path):
         raise HUDDError(f"{path}: missing; run the test step first (python HUDD.py -o CASE -step test)")
     frame = pd.read_csv(path, keep_default_na=False)
     missing = {"image", "result", "expected", "predicted"} - set(frame.columns)
+    if missing and {"image", "result", "avg_error", "worst_KP"} <= set(frame.columns):
+        return _numeric_columns(frame)
     if missing:
         raise HUDDError(f"{path}: not a result file (missing columns {sorted(missing)}); rerun the test step")
+    return frame
+
+
+def _numeric_columns(frame):
+    """A keypoint result file read as text: its error and coordinate columns back to floats (empty = NaN)."""
+    for column in frame.columns[2:]:
+        if column in ("worst_component", "worst_KP"):
+            continue
+        try:
+            frame[column] = pd.to_numeric(frame[column].replace("", np.nan))
+        except (ValueError, TypeError):
+            pass
     return frame
 
 
 def accuracy_of(frame):
     labelled = frame[frame["result"].isin(["Correct", "Wrong"])]
     return float((labelled["result"] == "Correct").mean()) if len(labelled) else float("nan")
+
+
+# --- keypoint regressors (task "keypoints", the paper's FLD) -------------------------------------
+
+KEYPOINT_TASK = "keypoints"
+DEFAULT_THRESHOLD = 4.0       # px: an image is Wrong when its mean keypoint error is above this (the original's)
+TOP_POINTS = 64               # a predicted coordinate is the weighted mean of the 64 highest pixels of its map
+MISSING_BELOW = 1e-5          # the original's convention: a keypoint at (<= 1e-5, <= 1e-5) is missing
+LABELS_FILE = "labels.csv"
+ERROR_FLAG, OK_FLAG = "Error", "Correct"
+
+
+def is_keypoint_task(meta):
+    return (meta or {}).get("task") == KEYPOINT_TASK
+
+
+def keypoint_components(meta):
+    """{component: [keypoint indices]} from meta["extra"]["components"] ({component: [keypoint names]}).
+
+    Without components every keypoint is its own component. Component names must not be keypoint
+    names (both become testResult.csv columns).
+    """
+    names = list(meta["classes"])
+    given = (meta.get("extra") or {}).get("components") or {name: [name] for name in names}
+    if any(c in names and list(given[c]) != [c] for c in given):
+        raise HUDDError(f"model components {list(given)}: a component may not share a name with another keypoint; "
+                        f"rename it in the model's extra['components']")
+    unknown = [k for members in given.values() for k in members if k not in names]
+    if unknown:
+        raise HUDDError(f"model components name keypoints {unknown[:3]} that are not among its keypoints; "
+                        f"re-save the model with extra['components'] over its classes")
+    return {str(c): [names.index(k) for k in members] for c, members in given.items()}
+
+
+def label_columns(names):
+    return [f"{name}_{axis}" for name in names for axis in ("x", "y")]
+
+
+def read_keypoint_labels(path, names, split_name):
+    """{image (relative to DataSets/): (K, 2) float array, NaN where missing} from a split's labels.csv.
+
+    Columns: image, then <keypoint>_x, <keypoint>_y per keypoint, in pixel-index units ((0, 0) is the
+    centre of the top-left pixel). A keypoint is missing when a value is empty/NaN or when both
+    values are <= 1e-5 (the original's zeros). `image` is the path relative to DataSets/ or to the split.
+    """
+    path = Path(path)
+    frame = pd.read_csv(path, dtype={"image": str}, keep_default_na=True)
+    missing = {"image", *label_columns(names)} - set(frame.columns)
+    if missing:
+        raise HUDDError(f"{path}: missing columns {sorted(missing)[:4]}; a keypoint labels.csv has image, then "
+                        f"<keypoint>_x,<keypoint>_y for each of the model's {len(names)} keypoints")
+    values = frame[label_columns(names)].to_numpy(dtype=np.float64).reshape(len(frame), len(names), 2)
+    values[np.isnan(values).any(axis=2) | (values <= MISSING_BELOW).all(axis=2)] = np.nan
+    prefix = f"{split_name}/"
+    images = [i if i.startswith(prefix) else prefix + i for i in frame["image"]]
+    if len(set(images)) != len(images):
+        raise HUDDError(f"{path}: an image appears twice; keep one row per image")
+    return dict(zip(images, values))
+
+
+def list_keypoint_case(case_dir, names, need=("TrainingSet", "TestSet")):
+    """The splits of a keypoint case: images directly in DataSets/<split>/, ground truth in its labels.csv.
+
+    Returns {name: common.data.Split}; a labelled split has classes = keypoint names and labels =
+    (K, 2) arrays; a split without labels.csv (only the improvement set may lack it) is unlabelled.
+    """
+    from common.data import SPLITS, Split, list_split
+
+    datasets = Path(case_dir) / "DataSets"
+    if not datasets.is_dir():
+        raise HUDDError(f"{datasets}: missing; a keypoint case folder needs DataSets/TrainingSet and "
+                        f"DataSets/TestSet, each with its images and a labels.csv")
+    splits = {}
+    for name in SPLITS:
+        if name not in need and not (datasets / name).is_dir():
+            continue
+        split = list_split(datasets, name, allow_flat=True)
+        if split.labelled:
+            raise HUDDError(f"{datasets / name}: holds subfolders ({split.classes[0]!r}); a keypoint data set "
+                            f"keeps its images directly inside, with their keypoints in {LABELS_FILE}")
+        labels_path = datasets / name / LABELS_FILE
+        if not labels_path.is_file():
+            if name != "ImprovementSet":
+                raise HUDDError(f"{labels_path}: missing; write image,<keypoint>_x,<keypoint>_y,... for every image")
+            splits[name] = split
+            continue
+        truth = read_keypoint_labels(labels_path, names, name)
+        unlabelled = [i for i in split.images if i not in truth]
+        if unlabelled and name != "ImprovementSet":
+            raise HUDDError(f"{labels_path}: no row for {len(unlabelled)} images (first: {unlabelled[0]}); "
+                            f"add their keypoints or remove the images")
+        labels = [truth.get(i) for i in split.images]
+        splits[name] = Split(name, split.images, labels, list(names))
+    return splits
+
+
+def decode_keypoints(maps, n_points=TOP_POINTS):
+    """(N, K, H, W) output maps -> (N, K, 2) coordinates (x, y): the mean of the `n_points` highest
+    pixels of each map, weighted by their values (clipped at 0; equal weights if all are <= 0)."""
+    maps = torch.as_tensor(maps, dtype=torch.float32)
+    n, k, h, w = maps.shape
+    flat = maps.reshape(n, k, h * w)
+    values, where = flat.topk(min(n_points, h * w), dim=2)
+    weights = values.clamp(min=0)
+    total = weights.sum(2, keepdim=True)
+    weights = torch.where(total > 0, weights / total.clamp(min=1e-30), torch.full_like(weights, 1.0 / values.shape[2]))
+    x = (weights * (where % w).float()).sum(2)
+    y = (weights * torch.div(where, w, rounding_mode="floor").float()).sum(2)
+    return torch.stack([x, y], dim=2).numpy()
+
+
+def keypoint_errors(predicted, truth):
+    """(N, K) Euclidean pixel distances; NaN where the ground truth is missing."""
+    return np.sqrt(((np.asarray(predicted, np.float64) - np.asarray(truth, np.float64)) ** 2).sum(axis=2))
+
+
+def mean_errors(errors):
+    """Per image, the mean over its labelled keypoints (NaN when none is labelled)."""
+    errors = np.asarray(errors, np.float64)
+    counts = (~np.isnan(errors)).sum(1)
+    return np.where(counts > 0, np.nansum(errors, 1) / np.maximum(counts, 1), np.nan)
+
+
+def predict_keypoints(model, dataset, device, batch_size=64, workers=0, desc=None, progress=True,
+                      n_points=TOP_POINTS):
+    """(N, K, 2) predicted coordinates, (N, K) peak values of the maps, {index: reason} of unreadable images."""
+    model.eval()
+    coords, peaks, skipped = [None] * len(dataset), [None] * len(dataset), {}
+    with torch.no_grad():
+        for inputs, _, indices, errors in batches(dataset, batch_size, workers, desc=desc, progress=progress):
+            maps = model(inputs.to(device)).float().cpu()
+            decoded = decode_keypoints(maps, n_points)
+            top = maps.flatten(2).amax(2).numpy()
+            for row, (index, error) in enumerate(zip(indices.tolist(), errors)):
+                if error:
+                    skipped[index] = error
+                else:
+                    coords[index], peaks[index] = decoded[row], top[row]
+    k = next((c.shape[0] for c in coords if c is not None), 0)
+    fill = lambda items, shape: np.stack([i if i is not None else np.full(shape, np.nan, np.float32) for i in items]) \
+        if items else np.zeros((0, *shape), np.float32)
+    return fill(coords, (k, 2)), fill(peaks, (k,)), skipped
+
+
+def keypoint_frame(images, truth, predicted, names, components, threshold=DEFAULT_THRESHOLD):
+    """The original's FLD layout: image,result,avg_error,max_error,worst_component,worst_KP,<component flag
+    per component>,<error per keypoint (px)>, then the predicted <keypoint>_x/_y (pixel-index units).
+
+    result is Wrong iff the mean error over the labelled keypoints exceeds `threshold`; a component's
+    flag is Error iff one of its keypoints does; worst_component has the highest mean error.
+    Unlabelled images (truth None) get result Unlabelled and empty error columns.
+    """
+    names = list(names)
+    predicted = np.asarray(predicted, np.float64).reshape(len(images), len(names), 2)
+    gt = np.stack([t if t is not None else np.full((len(names), 2), np.nan) for t in truth])
+    errors = keypoint_errors(predicted, gt)
+    avg = mean_errors(errors)
+    scored = ~np.isnan(avg)
+    with np.errstate(invalid="ignore"):
+        comp_errors = np.stack([mean_errors(errors[:, idx]) for idx in components.values()], 1)
+    lowest = lambda a: np.where(np.isnan(a), -np.inf, a)
+    frame = pd.DataFrame({"image": list(images),
+                          "result": np.where(scored, np.where(avg > threshold, "Wrong", "Correct"), "Unlabelled"),
+                          "avg_error": avg,
+                          "max_error": np.where(scored, lowest(errors).max(1), np.nan),
+                          "worst_component": np.where(scored, np.array(list(components))[lowest(comp_errors).argmax(1)], ""),
+                          "worst_KP": np.where(scored, np.array(names)[lowest(errors).argmax(1)], "")})
+    comp_columns = {c: np.where(scored, np.where((errors[:, idx] > threshold).any(1), ERROR_FLAG, OK_FLAG), "")
+                    for c, idx in components.items()}
+    kp_columns = {name: errors[:, i] for i, name in enumerate(names)}
+    pred_columns = {f"pred_{col}": predicted.reshape(len(images), -1)[:, j]
+                    for j, col in enumerate(label_columns(names))}
+    return pd.concat([frame, pd.DataFrame(comp_columns), pd.DataFrame(kp_columns), pd.DataFrame(pred_columns)], axis=1)
+
+
+def predicted_columns(names):
+    return [f"pred_{col}" for col in label_columns(names)]
+
+
+def write_keypoint_results(case_dir, splits, model, meta, device, batch_size=64, workers=0, progress=True,
+                           threshold=DEFAULT_THRESHOLD):
+    """write_results for a keypoint regressor: the FLD columns (keypoint_frame) per split."""
+    case_dir = Path(case_dir)
+    spec = ImageSpec.from_meta(meta)
+    datasets = case_dir / "DataSets"
+    names, components = list(meta["classes"]), keypoint_components(meta)
+    frames, skipped_rows = {}, []
+    for name, split in splits.items():
+        coords, _, skipped = predict_keypoints(model, ImageSet(datasets, split.images, spec), device, batch_size,
+                                               workers, desc=f"test {name}", progress=progress)
+        keep = [i for i in range(len(split)) if i not in skipped]
+        skipped_rows += [(split.images[i], reason) for i, reason in sorted(skipped.items())]
+        if not keep:
+            raise HUDDError(f"{datasets / name}: none of its {len(split)} images could be read "
+                            f"(first: {split.images[0]}: {skipped.get(0, '')}); replace the files")
+        if coords.shape[1] != len(names):
+            raise HUDDError(f"the model has {coords.shape[1]} output maps but names {len(names)} keypoints; "
+                            f"re-save it with one name per output map")
+        frame = keypoint_frame([split.images[i] for i in keep], [split.labels[i] for i in keep], coords[keep],
+                               names, components, threshold)
+        write_csv(case_dir / RESULT_FILES[name], frame)
+        frames[name] = frame
+    write_csv(case_dir / "T" / "skipped.csv", pd.DataFrame(skipped_rows, columns=SKIPPED_COLUMNS))
+    return frames
+
+
+def worst_keypoint_start(outputs, channels):
+    """Start relevance: each image's output map `channels[i]` alone (the others zero), as the original's FLD."""
+    channels = torch.as_tensor(np.asarray(channels), dtype=torch.long, device=outputs.device)
+    start = torch.zeros_like(outputs)
+    rows = torch.arange(outputs.shape[0], device=outputs.device)
+    start[rows, channels] = outputs[rows, channels]
+    return start
+
+
+def least_confident_keypoint(outputs):
+    """Per image, the keypoint whose map has the lowest peak: the no-ground-truth stand-in for the worst keypoint."""
+    return outputs.flatten(2).amax(2).argmin(1)
+
+
+def least_confident_start(outputs):
+    """Start relevance for images without ground truth (the improvement set): the least confident map alone."""
+    return worst_keypoint_start(outputs, least_confident_keypoint(outputs).cpu().numpy())
