@@ -267,7 +267,8 @@ def keypoint_frame(images, truth, predicted, names, components, threshold=DEFAUL
     per component>,<error per keypoint (px)>, then the predicted <keypoint>_x/_y (pixel-index units).
 
     result is Wrong iff the mean error over the labelled keypoints exceeds `threshold`; a component's
-    flag is Error iff one of its keypoints does; worst_component has the highest mean error.
+    flag is Error iff one of its keypoints does (empty when none of them is labelled); worst_component
+    has the highest mean error, worst_KP the highest error.
     Unlabelled images (truth None) get result Unlabelled and empty error columns.
     """
     names = list(names)
@@ -285,8 +286,9 @@ def keypoint_frame(images, truth, predicted, names, components, threshold=DEFAUL
                           "max_error": np.where(scored, lowest(errors).max(1), np.nan),
                           "worst_component": np.where(scored, np.array(list(components))[lowest(comp_errors).argmax(1)], ""),
                           "worst_KP": np.where(scored, np.array(names)[lowest(errors).argmax(1)], "")})
-    comp_columns = {c: np.where(scored, np.where((errors[:, idx] > threshold).any(1), ERROR_FLAG, OK_FLAG), "")
-                    for c, idx in components.items()}
+    comp_columns = {c: np.where(scored & ~np.isnan(comp_errors[:, j]),
+                                np.where((errors[:, idx] > threshold).any(1), ERROR_FLAG, OK_FLAG), "")
+                    for j, (c, idx) in enumerate(components.items())}
     kp_columns = {name: errors[:, i] for i, name in enumerate(names)}
     pred_columns = {f"pred_{col}": predicted.reshape(len(images), -1)[:, j]
                     for j, col in enumerate(label_columns(names))}

@@ -11,6 +11,8 @@ A model file is a ``.pth`` holding a plain dict (loadable with ``torch.load(weig
     input_size   [C, H, W]
     mean, std    per-channel normalisation applied after scaling pixels to [0, 1]
     preprocess   "exact" (images must be H x W) | "resize" | "center-crop"
+    extra        free metadata; for task "keypoints": "components" = {component: [keypoint names]}
+                 (the FLD result columns; no component may share a keypoint's name)
 
 so ``-m NAME`` is all a user passes. Your own torchvision classifier is one call away:
 
