@@ -404,8 +404,8 @@ def _step_assign(case):
     improvement = case.splits["ImprovementSet"]
     dataset = ImageSet(case.datasets, improvement.images, ImageSpec.from_meta(meta))
     start = None
-    if case.keypoints:      # no ground truth for improvement images: the least confident keypoint's map
-        from testModule import least_confident_start as start
+    if case.keypoints:      # no ground truth for improvement images: the least peaked keypoint map
+        from testModule import least_peaked_start as start
     batches = assignModule.improvement_heatmaps(model, dataset, layer, case.options.batch_size, case.device,
                                                 rule=case.options.rule, workers=case.options.workers,
                                                 progress=case.options.progress, start=start)

@@ -168,7 +168,7 @@ def improvement_heatmaps(model, dataset, layer, batch_size, device, rule="hudd",
     """Yield (image keys, flattened float32 heatmaps of `layer`) over `dataset` (an ImageSet), batch by batch.
 
     Relevance starts from the predicted class, as for the error images, or from `start(outputs)` (a
-    keypoint regressor: testModule.least_confident_start, which needs no ground truth). Unreadable
+    keypoint regressor: testModule.least_peaked_start, which needs no ground truth). Unreadable
     images are skipped.
     """
     import torch

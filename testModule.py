@@ -214,19 +214,30 @@ def list_keypoint_case(case_dir, names, need=("TrainingSet", "TestSet")):
     return splits
 
 
-def decode_keypoints(maps, n_points=TOP_POINTS):
-    """(N, K, H, W) output maps -> (N, K, 2) coordinates (x, y): the mean of the `n_points` highest
-    pixels of each map, weighted by their values (clipped at 0; equal weights if all are <= 0)."""
+def _top_points(maps, n_points):
+    """Normalised weights and x, y of the `n_points` highest pixels of each (N, K, H, W) map."""
     maps = torch.as_tensor(maps, dtype=torch.float32)
     n, k, h, w = maps.shape
-    flat = maps.reshape(n, k, h * w)
-    values, where = flat.topk(min(n_points, h * w), dim=2)
+    values, where = maps.reshape(n, k, h * w).topk(min(n_points, h * w), dim=2)
     weights = values.clamp(min=0)
     total = weights.sum(2, keepdim=True)
     weights = torch.where(total > 0, weights / total.clamp(min=1e-30), torch.full_like(weights, 1.0 / values.shape[2]))
-    x = (weights * (where % w).float()).sum(2)
-    y = (weights * torch.div(where, w, rounding_mode="floor").float()).sum(2)
-    return torch.stack([x, y], dim=2).numpy()
+    return weights, (where % w).float(), torch.div(where, w, rounding_mode="floor").float()
+
+
+def decode_keypoints(maps, n_points=TOP_POINTS):
+    """(N, K, H, W) output maps -> (N, K, 2) coordinates (x, y): the mean of the `n_points` highest
+    pixels of each map, weighted by their values (clipped at 0; equal weights if all are <= 0)."""
+    weights, x, y = _top_points(maps, n_points)
+    return torch.stack([(weights * x).sum(2), (weights * y).sum(2)], dim=2).numpy()
+
+
+def map_spread(maps, n_points=TOP_POINTS):
+    """(N, K) spread of each map (px): the weighted standard distance of its `n_points` highest pixels
+    from their weighted mean. A sharp, single peak gives a small spread; an unsure map a wide one."""
+    weights, x, y = _top_points(maps, n_points)
+    mx, my = (weights * x).sum(2, keepdim=True), (weights * y).sum(2, keepdim=True)
+    return (weights * ((x - mx) ** 2 + (y - my) ** 2)).sum(2).sqrt()
 
 
 def keypoint_errors(predicted, truth):
@@ -335,11 +346,16 @@ def worst_keypoint_start(outputs, channels):
     return start
 
 
-def least_confident_keypoint(outputs):
-    """Per image, the keypoint whose map has the lowest peak: the no-ground-truth stand-in for the worst keypoint."""
-    return outputs.flatten(2).amax(2).argmin(1)
+def least_peaked_keypoint(outputs):
+    """Per image, the keypoint whose map is the least peaked (widest spread of its 64 highest pixels):
+    the stand-in for the worst keypoint when there is no ground truth.
+
+    On the landmarks case study (default scale, 47 test errors) it is the worst keypoint's component for
+    55% of the errors (the lowest map peak: 34%, because maps of hidden keypoints are trained to be flat).
+    """
+    return map_spread(outputs.detach().float().cpu()).argmax(1)
 
 
-def least_confident_start(outputs):
-    """Start relevance for images without ground truth (the improvement set): the least confident map alone."""
-    return worst_keypoint_start(outputs, least_confident_keypoint(outputs).cpu().numpy())
+def least_peaked_start(outputs):
+    """Start relevance for images without ground truth (the improvement set): the least peaked map alone."""
+    return worst_keypoint_start(outputs, least_peaked_keypoint(outputs).numpy())

@@ -45,7 +45,7 @@ SPLIT_IDS = {"TrainingSet": 1, "TestSet": 2, "ImprovementSet": 3}
 TASK_ID = 3                    # separates this case study's random streams from gaze (1) and openclosed (2)
 SCALES = {                     # images per split, training epochs, learning rate, batch size
     "small": ({"TrainingSet": 240, "TestSet": 100, "ImprovementSet": 100}, 4, 2e-3, 16),
-    "default": ({"TrainingSet": 5000, "TestSet": 1500, "ImprovementSet": 2000}, 14, 2e-3, 32),
+    "default": ({"TrainingSet": 4000, "TestSet": 1500, "ImprovementSet": 2000}, 10, 2e-3, 32),
 }
 CHUNK = 250
 PNG_LEVEL = 1

@@ -172,3 +172,16 @@ def test_clusters_unsafe_set_retraining_and_rq1_are_written(landmarks_run):
     assert meta["task"] == "keypoints" and meta["extra"]["retrained"]["select"] == "train-loss"
     rq1 = pd.read_csv(case / "RQ1.csv")
     assert len(rq1) > 0 and "RQ1" in stdout
+
+
+def test_without_ground_truth_heatmaps_start_from_the_least_peaked_map():
+    from retrainModule import gaussian_targets
+    from testModule import least_peaked_start
+
+    coords = torch.tensor([[[10.0, 10.0], [30.0, 12.0], [20.0, 40.0]]])
+    outputs = gaussian_targets(coords, (48, 48), sigma=2.0)
+    outputs[0, 2] = 0.5 * (outputs[0, 2] + gaussian_targets(torch.tensor([[[40.0, 5.0]]]), (48, 48), sigma=2.0)[0, 0])
+    outputs[0, 0] *= 0.2                     # a low but sharp map is not the unsure one
+    start = least_peaked_start(outputs)
+    assert torch.equal(start[0, 2], outputs[0, 2])
+    assert torch.count_nonzero(start[0, :2]) == 0
