@@ -44,6 +44,7 @@ class Options:
     progress: bool = True
     threshold: float = 4.0      # keypoint regressors: Wrong when the mean keypoint error is above this (px)
     freeze: int = 0             # keypoint regressors: convolutions left untrained when retraining (original: 4)
+    lr: float | None = None     # retraining learning rate; None = the original's 1e-3 (SGD, or RMSprop for keypoints)
 
     def subset(self, names):
         return {name: getattr(self, name) for name in names}
@@ -56,7 +57,7 @@ STEP_OPTIONS = {
     "distances": ("xlsx",),
     "clusters": ("max_clusters", "rq"),
     "assign": ("rule", "assign_factor"),
-    "retrain": ("mode", "epochs", "reps", "seed", "baseline_budget_factor", "select", "threshold", "freeze"),
+    "retrain": ("mode", "epochs", "reps", "seed", "baseline_budget_factor", "select", "threshold", "freeze", "lr"),
 }
 
 
@@ -425,7 +426,8 @@ def _step_retrain(case):
     frame = retrainModule.retrain(case.dir, case.model_path, opts.mode, reps=opts.reps, seed=opts.seed,
                                   epochs=opts.epochs, select=opts.select, budget_factor=opts.baseline_budget_factor,
                                   device=opts.device, workers=opts.workers, trust=opts.trust_model,
-                                  progress=opts.progress, threshold=opts.threshold, freeze=opts.freeze)
+                                  progress=opts.progress, threshold=opts.threshold, freeze=opts.freeze,
+                                  lr=opts.lr)
     models_written = [case.dir / "DNNModels" / name for name in frame["model"]]
     report.write_report(case.dir)
     return [case.t / f"retrain_{opts.mode}.csv", *models_written], retrainModule.retrain_summary(frame)

@@ -372,7 +372,7 @@ def _per_cluster(improved_images, members):
 
 def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT_EPOCHS, select="train-accuracy",
             holdout=DEFAULT_HOLDOUT, budget_factor=DEFAULT_BUDGET_FACTOR, pad_baselines=True, device="auto",
-            batch_size=RETRAIN_BATCH_SIZE, workers=0, progress=True, trust=False, threshold=None, freeze=0):
+            batch_size=RETRAIN_BATCH_SIZE, workers=0, progress=True, trust=False, threshold=None, freeze=0, lr=None):
     """HUDD step 7 (or a baseline), `reps` times: retrain the analysed model on the training set + the mode's images.
 
     Each repetition starts from the model file's weights, trains with SGD (lr 1e-3, momentum 0.9,
@@ -384,7 +384,8 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
 
     A keypoint regressor (task "keypoints") is retrained as the original's retrainKP: RMSprop lr 1e-3,
     MSE on Gaussian target maps, best epoch by training loss ("train-accuracy" means that for it),
-    the first `freeze` convolutions frozen (the original: 4; default 0); its ground truth comes from the
+    the first `freeze` convolutions frozen (the original: 4; default 0); `lr` replaces either optimiser's
+    learning rate (None: the original's 1e-3); its ground truth comes from the
     splits' labels.csv; test_accuracy is the share of test images whose mean keypoint error is within
     `threshold` px, and KEYPOINT_COLUMNS add the mean keypoint errors before and after.
     """
@@ -458,7 +459,8 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
                       val_set=val_set, desc=f"{mode} rep {rep}/{reps}", progress=progress)
         if keypoints:
             select_used = "train-loss" if select == "train-accuracy" else select
-            history = train_keypoints(model, train_set, optimizer=rmsprop, select=select_used, threshold=threshold,
+            history = train_keypoints(model, train_set, optimizer=_with_lr(rmsprop, lr), select=select_used,
+                                      threshold=threshold,
                                       freeze=freeze, **common)
             coords, _, skipped = testModule.predict_keypoints(model, test_set, device, batch_size, workers,
                                                               progress=False)
@@ -466,7 +468,7 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
             now_correct = np.array([i not in skipped for i in range(len(test_images))]) & (errors <= threshold)
         else:
             select_used = select
-            history = train_classifier(model, train_set, optimizer=sgd, select=select, **common)
+            history = train_classifier(model, train_set, optimizer=_with_lr(sgd, lr), select=select, **common)
             logits, skipped = testModule.predict(model, test_set, device, batch_size, workers)
             now_correct = np.array([i not in skipped and int(np.argmax(row)) == t
                                     for i, (row, t) in enumerate(zip(logits, test_targets))])
@@ -488,6 +490,12 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
         rows.append(row)
         write_csv(out_csv, pd.DataFrame(rows, columns=columns))
     return pd.DataFrame(rows, columns=columns)
+
+
+def _with_lr(optimizer, lr):
+    import functools
+
+    return optimizer if lr is None else functools.partial(optimizer, lr=float(lr))
 
 
 def _split_labels(split):
