@@ -43,7 +43,7 @@ class Options:
     xlsx: bool = True
     progress: bool = True
     threshold: float = 4.0      # keypoint regressors: Wrong when the mean keypoint error is above this (px)
-    freeze: int = 0             # keypoint regressors: convolutions left untrained when retraining (original: 4)
+    freeze: int = 4             # keypoint regressors: first convolutions frozen when retraining (the original's 4)
     lr: float | None = None     # retraining learning rate; None = the original's 1e-3 (SGD, or RMSprop for keypoints)
 
     def subset(self, names):

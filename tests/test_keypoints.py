@@ -170,6 +170,11 @@ def test_clusters_unsafe_set_retraining_and_rq1_are_written(landmarks_run):
     assert retrain["share_under_threshold"].iloc[0] == retrain["test_accuracy"].iloc[0]
     _, meta = models.load_model(case / "DNNModels" / retrain["model"].iloc[0])
     assert meta["task"] == "keypoints" and meta["extra"]["retrained"]["select"] == "train-loss"
+    retrained, _ = models.load_model(case / "DNNModels" / retrain["model"].iloc[0])
+    original, _ = models.load_model(case / "DNNModels" / "OriginalModel.pth")
+    for name in ("conv2d_1", "conv2d_2", "conv2d_3", "conv2d_4"):      # frozen by default, as the original
+        assert torch.equal(getattr(retrained, name).weight, getattr(original, name).weight)
+    assert not torch.equal(retrained.conv2d_5.weight, original.conv2d_5.weight)
     rq1 = pd.read_csv(case / "RQ1.csv")
     assert len(rq1) > 0 and "RQ1" in stdout
 
