@@ -13,6 +13,8 @@ marker last, so a killed build is redone; complete data sets without a model res
   glasses with reflections. Every parameter of every image is in DataSets/params.csv.
 - ``openclosed`` (the paper's OC): the same simulator labelled Closed (eyelid opening < 0.3) or Open,
   with a borderline band of half-open eyes.
+- ``landmarks`` (the paper's FLD): the same simulator in grayscale, 27 landmarks in 5 components
+  regressed by KPNet (casestudies/landmarks.py; a keypoint case folder: flat splits with labels.csv).
 - ``fmnist``: Fashion-MNIST from Debian's dataset-fashion-mnist (1x28x28): TestSet = the official
   10,000 test images; the 60,000 training images split (seeded) 50,000 TrainingSet / 10,000
   labelled ImprovementSet. No params.csv.
@@ -40,7 +42,7 @@ from pathlib import Path
 
 from common.errors import HUDDError
 
-NAMES = ("gaze", "openclosed", "fmnist")
+NAMES = ("gaze", "openclosed", "fmnist", "landmarks")
 SCALE_NAMES = ("small", "default")
 TRAINING = {   # per case study and scale: epochs, learning rate, batch size
     ("gaze", "default"): (14, 2e-3, 64), ("gaze", "small"): (2, 2e-3, 32),
@@ -62,6 +64,10 @@ def build(name, case_dir, seed=0, scale="default", progress=True, force=False, t
 
     if name not in NAMES:
         raise HUDDError(f"unknown case study {name!r}; use one of {', '.join(NAMES)}")
+    if name == "landmarks":
+        from casestudies import landmarks
+
+        return landmarks.build(case_dir, seed=seed, scale=scale, progress=progress, force=force, threads=threads)
     if scale not in SCALE_NAMES:
         raise HUDDError(f"--scale {scale!r}; use small or default")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

@@ -68,9 +68,10 @@ def test_result_rows_follow_the_fld_rule():
 @pytest.fixture(scope="module")
 def landmarks_run(tmp_path_factory):
     case = tmp_path_factory.mktemp("landmarks") / "case"
-    from casestudies import landmarks
-
-    landmarks.build(case, scale="small", progress=False, threads=1)
+    build = [sys.executable, "-m", "casestudies", "landmarks", "-o", str(case), "--scale", "small", "--threads", "1",
+             "--quiet"]
+    built = subprocess.run(build, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
     cmd = [sys.executable, "HUDD.py", "-o", str(case), "-rq", "True", "--epochs", "1", "--no-progress",
            "--xlsx", "False"]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
