@@ -23,6 +23,20 @@ def positive_int(text):
     return value
 
 
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text}")
+    return value
+
+
 def parser():
     defaults = Helper.Options()
     p = argparse.ArgumentParser(prog="HUDD.py", description="Heatmap-based Unsupervised Debugging of DNNs.")
@@ -43,7 +57,10 @@ def parser():
     p.add_argument("--heatmap-dtype", choices=["float32", "float16"], default=defaults.heatmap_dtype)
     p.add_argument("--xlsx", type=boolean, default=defaults.xlsx, metavar="True|False",
                    help="also export distance matrices as XLSX, as the original (only up to 16,384 images)")
-    p.add_argument("--max-clusters", type=positive_int, default=defaults.max_clusters)
+    p.add_argument("--max-clusters", type=positive_int, default=defaults.max_clusters,
+                   help="largest number of clusters tried (default 500; never more than half the errors)")
+    p.add_argument("--optimal-ordering", type=boolean, default=defaults.optimal_ordering, metavar="True|False",
+                   help="optimal leaf ordering of the dendrogram, as the original (slow beyond a few thousand errors)")
     p.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="retraining epochs (original: 10)")
     p.add_argument("--reps", type=positive_int, default=defaults.reps, help="retraining repetitions")
     p.add_argument("--baseline-budget-factor", type=float, default=defaults.baseline_budget_factor,
@@ -52,6 +69,13 @@ def parser():
                    help="unsafe-set quota per cluster, times its size (original: 2)")
     p.add_argument("--select", choices=["train-accuracy", "val-accuracy"], default=defaults.select,
                    help="which retraining epoch to keep (original: best training accuracy)")
+    p.add_argument("--lr", type=positive_float, default=defaults.lr,
+                   help="retraining learning rate (default: the original's 1e-3, SGD; RMSprop for keypoints)")
+    p.add_argument("--threshold", type=positive_float, default=defaults.threshold,
+                   help="keypoint regressors: an image is Wrong when its mean keypoint error is above this (px; "
+                        "default 4)")
+    p.add_argument("--freeze", type=nonnegative_int, default=defaults.freeze,
+                   help="keypoint regressors: convolutions frozen when retraining (default 4, the original's; 0 = none)")
     p.add_argument("--trust-model", action="store_true", help="allow loading a full pickle (it can run code)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

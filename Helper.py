@@ -32,6 +32,7 @@ class Options:
     rule: str = "hudd"
     heatmap_dtype: str = "float32"
     max_clusters: int = 500
+    optimal_ordering: bool = False  # scipy's optimal leaf ordering of the dendrogram (the original's; slow)
     rq: bool = False
     mode: str = "HUDD"
     epochs: int = 10
@@ -55,7 +56,7 @@ STEP_OPTIONS = {
     "test": ("threshold",),
     "heatmaps": ("rule", "heatmap_dtype"),
     "distances": ("xlsx",),
-    "clusters": ("max_clusters", "rq"),
+    "clusters": ("max_clusters", "optimal_ordering", "rq"),
     "assign": ("rule", "assign_factor"),
     "retrain": ("mode", "epochs", "reps", "seed", "baseline_budget_factor", "select", "threshold", "freeze", "lr"),
 }
@@ -358,6 +359,7 @@ def _step_clusters(case):
     for layer in layers:
         distances = np.load(case.t / f"{layer}HMDistance.npy", mmap_mode="r")
         results[layer] = clusterModule.cluster_layer(distances, max_clusters=case.options.max_clusters,
+                                                     optimal_ordering=case.options.optimal_ordering,
                                                      progress=case.options.progress, name=layer)
         clusterModule.write_cluster_analysis(case.t, layer, results[layer], images, case.datasets,
                                              distances=distances, progress=case.options.progress)

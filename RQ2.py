@@ -5,7 +5,9 @@
 Runs the pipeline up to the unsafe set (cached steps are skipped), then retrains the model N times
 per mode, repetition r using the same seed in every mode, and writes CASE/RQ2.csv, CASE/RQ2.xlsx and
 CASE/RQ2_boxplot.png (mean, std, min, max of test accuracy and gain; Mann-Whitney U p-value and
-Vargha-Delaney A12 of HUDD against each baseline). Each repetition's model is kept in DNNModels/.
+Vargha-Delaney A12 of HUDD against each baseline). Each repetition's model is kept in DNNModels/ and
+its row in T/retrain_<mode>.csv as soon as it finishes, so an interrupted RQ2 resumes at the first
+repetition it had not finished when the same command is run again.
 """
 import argparse
 import sys
@@ -13,15 +15,9 @@ import sys
 import Helper
 import retrainModule
 from common.errors import HUDDError
+from HUDD import nonnegative_int, positive_float, positive_int
 
 DEFAULT_REPS = 10              # the original's repetitions per mode
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def mode_list(text):
@@ -51,7 +47,7 @@ def parser():
                    help="BL1/BL2 labelling budget as a share of HUDD's (1 = equal; 0.3 = the original code)")
     p.add_argument("--select", choices=list(retrainModule.SELECTIONS), default=defaults.select,
                    help="which retraining epoch to keep (original: best training accuracy; val-accuracy holds out "
-                        f"{retrainModule.DEFAULT_HOLDOUT:.0%} of the training set)")
+                        f"{retrainModule.DEFAULT_HOLDOUT:.0%}% of the training set)")
     p.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                    help="batch size of the pipeline steps (test, heatmaps, assign)")
@@ -61,6 +57,12 @@ def parser():
     p.add_argument("--rule", default=defaults.rule, help="LRP rule preset for the pipeline steps")
     p.add_argument("--assign-factor", type=float, default=defaults.assign_factor,
                    help="unsafe-set quota per cluster, times its size (original: 2)")
+    p.add_argument("--lr", type=positive_float, default=defaults.lr,
+                   help="retraining learning rate (default: the original's 1e-3, SGD; RMSprop for keypoints)")
+    p.add_argument("--threshold", type=positive_float, default=defaults.threshold,
+                   help="keypoint regressors: error threshold on the mean keypoint distance (px; default 4)")
+    p.add_argument("--freeze", type=nonnegative_int, default=defaults.freeze,
+                   help="keypoint regressors: convolutions frozen when retraining (default 4, the original's)")
     p.add_argument("--trust-model", action="store_true", help="allow loading a full pickle (it can run code)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
@@ -71,6 +73,7 @@ def pipeline_options(args):
     return Helper.Options(device=args.device, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                           rule=args.rule, assign_factor=args.assign_factor, epochs=args.epochs, reps=args.reps,
                           baseline_budget_factor=args.baseline_budget_factor, select=args.select,
+                          threshold=args.threshold, freeze=args.freeze, lr=args.lr,
                           trust_model=args.trust_model, progress=not args.no_progress)
 
 
@@ -85,7 +88,8 @@ def run(args):
                                          epochs=args.epochs, select=args.select,
                                          budget_factor=args.baseline_budget_factor, device=args.device,
                                          batch_size=args.retrain_batch_size, workers=args.workers,
-                                         progress=options.progress, trust=args.trust_model)
+                                         progress=options.progress, trust=args.trust_model,
+                                         threshold=args.threshold, freeze=args.freeze, lr=args.lr)
         _refresh_report(case.dir)
     finally:
         case.unlock()
@@ -108,7 +112,7 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; the models of finished repetitions are in DNNModels/", file=sys.stderr)
+        print("interrupted; finished repetitions are kept: rerun the same command to resume", file=sys.stderr)
         return 130
     import pandas as pd
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from common.data import ImageSet, ImageSpec, batches, list_case, resolve_device
 from common.errors import HUDDError
-from common.files import atomic_path, save_torch, write_csv
+from common.files import atomic_path, content_hash, save_torch, tree_fingerprint, write_csv
 
 
 def sgd(params, lr=1e-3, momentum=0.9, weight_decay=5e-4):
@@ -186,7 +186,7 @@ ROUND_DIGITS = 9               # factor * n is rounded before ceil so that 0.3 *
 PAD_STREAM = 1                 # padding draws from its own random stream, not the sample's
 RETRAIN_COLUMNS = ["mode", "rep", "seed", "n_labelled", "n_train_added", "n_distinct_added", "epochs",
                    "best_epoch", "test_accuracy", "original_accuracy", "gain", "improved", "worsened",
-                   "improved_per_cluster", "model"]
+                   "improved_per_cluster", "model", "inputs"]
 KEYPOINT_COLUMNS = ["mean_error", "original_mean_error", "share_under_threshold", "threshold"]   # px, px, fraction, px
 
 
@@ -373,7 +373,7 @@ def _per_cluster(improved_images, members):
 def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT_EPOCHS, select="train-accuracy",
             holdout=DEFAULT_HOLDOUT, budget_factor=DEFAULT_BUDGET_FACTOR, pad_baselines=True, device="auto",
             batch_size=RETRAIN_BATCH_SIZE, workers=0, progress=True, trust=False, threshold=None, freeze=FROZEN_CONVS,
-            lr=None):
+            lr=None, resume=False):
     """HUDD step 7 (or a baseline), `reps` times: retrain the analysed model on the training set + the mode's images.
 
     Each repetition starts from the model file's weights, trains with SGD (lr 1e-3, momentum 0.9,
@@ -390,6 +390,10 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
     learning rate (None: the original's 1e-3); its ground truth comes from the
     splits' labels.csv; test_accuracy is the share of test images whose mean keypoint error is within
     `threshold` px, and KEYPOINT_COLUMNS add the mean keypoint errors before and after.
+
+    resume: keep the rows of an earlier T/retrain_<mode>.csv whose repetition had the same seed and
+    inputs (column `inputs`: a digest of the model file, training set, clusters, unsafe set, labels and
+    options) and whose model file is still there, and train only the other repetitions (RQ2.py).
     """
     import models
     import testModule
@@ -441,9 +445,19 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
     test_set = ImageSet(datasets, test_images, spec, test_targets)
     out_csv = case_dir / "T" / f"retrain_{mode}.csv"
     columns = RETRAIN_COLUMNS + (KEYPOINT_COLUMNS if keypoints else [])
+    inputs = _inputs_digest(case_dir, model_path, mode, epochs=epochs, select=select, holdout=holdout,
+                            budget_factor=budget_factor, pad_baselines=pad_baselines, batch_size=batch_size,
+                            threshold=threshold, freeze=freeze if keypoints else None, lr=lr)
+    earlier = _finished_reps(out_csv, inputs, case_dir) if resume else {}
     rows = []
     for rep in range(1, reps + 1):
         seed_r = rep_seed(seed, rep)
+        if earlier.get((rep, seed_r)) is not None:
+            rows.append(earlier[(rep, seed_r)])
+            print(f"[retrain] {mode} repetition {rep}/{reps} finished in an earlier run "
+                  f"({rows[-1]['model']}); kept")
+            write_csv(out_csv, pd.DataFrame(rows, columns=columns))
+            continue
         added, n_labelled = retraining_images(mode, unsafe, cluster_sizes, pool, wrong, seed_r, budget_factor,
                                               pad_baselines)
         images = list(train.images)
@@ -486,7 +500,7 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
                "best_epoch": best, "test_accuracy": test_accuracy, "original_accuracy": original_accuracy,
                "gain": 100 * (test_accuracy - original_accuracy), "improved": len(improved),
                "worsened": int((was_correct & ~now_correct).sum()),
-               "improved_per_cluster": _per_cluster(improved, members), "model": saved.name}
+               "improved_per_cluster": _per_cluster(improved, members), "model": saved.name, "inputs": inputs}
         if keypoints:
             row.update({"mean_error": float(np.nanmean(errors)),
                         "original_mean_error": float(tested["avg_error"].astype(float).mean()),
@@ -494,6 +508,36 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
         rows.append(row)
         write_csv(out_csv, pd.DataFrame(rows, columns=columns))
     return pd.DataFrame(rows, columns=columns)
+
+
+def _inputs_digest(case_dir, model_path, mode, **options):
+    """A short digest of everything a repetition's result depends on, but its seed."""
+    import hashlib
+    import json
+
+    t = Path(case_dir) / "T"
+    parts = {"mode": mode, "options": options, "model": content_hash(model_path),
+             "training": tree_fingerprint(Path(case_dir) / "DataSets" / "TrainingSet"),
+             "improvement": tree_fingerprint(Path(case_dir) / "DataSets" / "ImprovementSet")}
+    for name in ("UnsafeSet/unsafe.csv", "UnsafeSet/labels.csv", "ClusterAnalysis/summary.csv"):
+        parts[name] = content_hash(t / name) if (t / name).is_file() else None
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _finished_reps(out_csv, inputs, case_dir):
+    """{(rep, seed): row} of an earlier run with the same inputs whose model file still exists."""
+    if not out_csv.is_file():
+        return {}
+    try:
+        frame = pd.read_csv(out_csv, keep_default_na=False, dtype={"inputs": str, "model": str})
+    except (OSError, ValueError, pd.errors.ParserError):
+        return {}
+    if "inputs" not in frame.columns:
+        return {}
+    frame = frame[(frame["inputs"] == inputs)]
+    models_dir = Path(case_dir) / "DNNModels"
+    return {(int(row["rep"]), int(row["seed"])): row for row in frame.to_dict("records")
+            if (models_dir / row["model"]).is_file()}
 
 
 def _with_lr(optimizer, lr):
@@ -593,9 +637,13 @@ def write_rq2(case_dir, results, reference="HUDD"):
             table.to_excel(writer, sheet_name="RQ2", index=False)
             results.to_excel(writer, sheet_name="repetitions", index=False)
     modes = list(table["mode"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 4))
-    for ax, column, scale, title in ((axes[0], "test_accuracy", 100, "test accuracy (%)"),
-                                     (axes[1], "gain", 1, "gain over the original (points)")):
+    keypoints = "mean_error" in results.columns and results["mean_error"].notna().any()
+    panels = [("test_accuracy", 100, "test images within the threshold (%)" if keypoints else "test accuracy (%)"),
+              ("gain", 1, "gain over the original (points)")]
+    if keypoints:
+        panels.append(("mean_error", 1, "mean keypoint error (px)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4))
+    for ax, (column, scale, title) in zip(axes, panels):
         ax.boxplot([scale * results.loc[results["mode"] == m, column].to_numpy() for m in modes])
         ax.set_xticks(range(1, len(modes) + 1), modes)
         ax.set_title(title)
@@ -610,12 +658,13 @@ def write_rq2(case_dir, results, reference="HUDD"):
 def run_rq2(case_dir, model_path, modes=MODES, reps=10, **options):
     """RQ2: `reps` retrainings per mode with the same seeds per repetition, then write_rq2. Returns (table, results).
 
-    `options` go to retrain (seed, epochs, select, budget_factor, device, batch_size, ...).
+    `options` go to retrain (seed, epochs, select, budget_factor, device, batch_size, ...). Repetitions
+    finished by an earlier, interrupted run with the same inputs are kept, not retrained.
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise HUDDError(f"-modes {','.join(modes)}: use a comma-separated subset of {','.join(MODES)}")
-    results = pd.concat([retrain(case_dir, model_path, mode, reps=reps, **options) for mode in modes],
+    results = pd.concat([retrain(case_dir, model_path, mode, reps=reps, resume=True, **options) for mode in modes],
                         ignore_index=True)
     reference = "HUDD" if "HUDD" in modes else modes[0]
     return write_rq2(case_dir, results, reference), results

@@ -83,3 +83,35 @@ def test_rq2_command_rejects_unknown_modes(capsys):
     with pytest.raises(SystemExit):
         RQ2.main(["-o", "x", "-modes", "HUDD,BL3"])
     assert "BL3" in capsys.readouterr().err
+
+
+def test_an_interrupted_rq2_resumes_at_the_first_unfinished_repetition(tmp_path, capsys):
+    case = prepared_case(tmp_path / "case")
+    model = case / "DNNModels" / "OriginalModel.pth"
+    options = dict(epochs=1, batch_size=16, progress=False, seed=9)
+    rm.run_rq2(case, model, ["HUDD"], reps=2, **options)
+    first = pd.read_csv(case / "T" / "retrain_HUDD.csv")
+    kept = case / "DNNModels" / first.loc[0, "model"]
+    kept_mtime = kept.stat().st_mtime_ns
+    (case / "DNNModels" / first.loc[1, "model"]).unlink()      # as if killed while saving repetition 2
+    capsys.readouterr()
+
+    _, again = rm.run_rq2(case, model, ["HUDD"], reps=2, **options)
+    out = capsys.readouterr().out
+    assert "HUDD repetition 1/2 finished in an earlier run" in out and "repetition 2/2 finished" not in out
+    assert kept.stat().st_mtime_ns == kept_mtime
+    assert again["test_accuracy"].tolist() == first["test_accuracy"].tolist()
+    assert (case / "DNNModels" / first.loc[1, "model"]).is_file()
+
+    rm.run_rq2(case, model, ["HUDD"], reps=2, **{**options, "epochs": 2})     # other inputs: nothing is kept
+    assert "finished in an earlier run" not in capsys.readouterr().out
+
+
+def test_rq2_for_keypoints_reports_the_mean_error_and_the_share_within_the_threshold(tmp_path):
+    results = results_frame().assign(mean_error=[2.0, 2.5, 3.0, 4.0, 4.5, 5.0, 2.1, 2.2, 2.3])
+    table = rm.write_rq2(tmp_path, results).set_index("mode")
+    assert table.loc["HUDD", "mean_error_mean"] == pytest.approx(2.5)
+    assert (table.loc["BL1", "mean_error_min"], table.loc["BL1", "mean_error_max"]) == pytest.approx((4.0, 5.0))
+    assert table.loc["HUDD", "accuracy_mean"] == pytest.approx(92.0)      # the share within the threshold, in %
+    with Image.open(tmp_path / "RQ2_boxplot.png") as img:
+        assert img.width >= 1200                                          # a third panel: the mean error
