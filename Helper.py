@@ -56,7 +56,7 @@ STEP_OPTIONS = {
     "test": ("threshold",),
     "heatmaps": ("rule", "heatmap_dtype"),
     "distances": ("xlsx",),
-    "clusters": ("max_clusters", "optimal_ordering", "rq"),
+    "clusters": ("max_clusters", "optimal_ordering"),
     "assign": ("rule", "assign_factor"),
     "retrain": ("mode", "epochs", "reps", "seed", "baseline_budget_factor", "select", "threshold", "freeze", "lr"),
 }
@@ -201,7 +201,7 @@ def _inputs(case, name, manifest):
     inputs = {"options": case.options.subset(STEP_OPTIONS[name])}
     if name == "test":
         inputs["model"] = content_hash(case.model_path)
-        inputs["data"] = tree_fingerprint(case.datasets)
+        inputs["data"] = tree_fingerprint(case.datasets, exclude=("params.csv",))     # RQ1's input, not the test's
         return inputs
     previous = STEPS[STEPS.index(name) - 1]
     record = manifest["steps"].get(previous)
@@ -214,9 +214,6 @@ def _inputs(case, name, manifest):
         labels = case.t / "UnsafeSet" / "labels.csv"
         if labels.is_file():
             inputs["labels"] = content_hash(labels)
-    if name == "clusters" and case.options.rq:
-        params = case.datasets / "params.csv"
-        inputs["params"] = content_hash(params) if params.is_file() else None
     return inputs
 
 
@@ -366,19 +363,23 @@ def _step_clusters(case):
     best = clusterModule.select_best_layer(results)
     clusterModule.write_summary(case.t, results, best)
     summary = {"best_layer": best, "clusters": int(results[best]["k"]),
-               "nonsingleton_clusters": int(sum(1 for n in results[best]["sizes"] if n > 1)),
-               "rq1_explained": None}
-    outputs = [case.t / "ClusterAnalysis", case.t / f"Layer{best.removeprefix('Layer')}"]
-    if case.options.rq:
-        rq1 = clusterModule.write_rq1(case.dir, images, results[best]["labels"])
-        if rq1:
-            print(clusterModule.format_rq1(rq1))
-            summary["rq1_explained"] = rq1["explained_percent"]
-            summary["rq1_inspected"] = rq1["inspected_percent"]
-            summary["rq1"] = rq1
-            outputs.append(case.dir / "RQ1.xlsx")
+               "nonsingleton_clusters": int(sum(1 for n in results[best]["sizes"] if n > 1))}
     report.write_report(case.dir)
-    return outputs, summary
+    return [case.t / "ClusterAnalysis", case.t / f"Layer{best.removeprefix('Layer')}"], summary
+
+
+def rq1(case):
+    """RQ1 (-rq True) on the selected layer's clusters: CASE/RQ1.xlsx and RQ1.csv; the summary, or None
+    without DataSets/params.csv. Not a cached step: it takes a moment, and clusters need not rerun for it."""
+    import clusterModule
+    import report
+
+    layer, images, labels = selected_clusters(case)
+    summary = clusterModule.write_rq1(case.dir, images, labels, layer=layer)
+    if summary:
+        print(clusterModule.format_rq1(summary))
+        report.write_report(case.dir)
+    return summary
 
 
 def selected_clusters(case):
@@ -412,11 +413,14 @@ def _step_assign(case):
     batches = assignModule.improvement_heatmaps(model, dataset, layer, case.options.batch_size, case.device,
                                                 rule=case.options.rule, workers=case.options.workers,
                                                 progress=case.options.progress, start=start)
-    unsafe = assignModule.select_unsafe_set(heatmaps, labels, batches, factor=case.options.assign_factor)
+    unsafe = assignModule.select_unsafe_set(heatmaps, labels, batches, factor=case.options.assign_factor,
+                                            source=case.t / "ClusterAnalysis" / layer / "clusters.csv")
     # Keypoint ground truth of the unsafe set goes to DataSets/ImprovementSet/labels.csv, not a class column.
     folder = assignModule.write_unsafe_set(case.t, unsafe, case.datasets, improvement.labelled or case.keypoints)
     report.write_report(case.dir)
-    return [folder], {"layer": layer, "unsafe_images": int(len(unsafe)),
+    # Not labels.csv: the engineer fills it in (step 5), which must not make this step look stale.
+    outputs = [p for p in sorted(folder.iterdir()) if p.name != assignModule.LABELS_FILE]
+    return outputs, {"layer": layer, "unsafe_images": int(len(unsafe)),
                             "clusters_served": int(unsafe["cluster"].nunique()) if len(unsafe) else 0}
 
 
@@ -451,6 +455,11 @@ def run(case_dir, model_name="OriginalModel.pth", options=None, step=None, until
         summaries = {}
         for name in STEPS[: STEPS.index(last) + 1]:
             summaries[name] = run_step(case, name, force=(name == step))
+            if name == "clusters" and options.rq:
+                found = rq1(case)
+                if found:
+                    summaries[name] = {**summaries[name], "rq1_explained": found["explained_percent"],
+                                       "rq1_inspected": found["inspected_percent"], "rq1": found}
         return summaries
     finally:
         case.unlock()

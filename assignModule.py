@@ -24,6 +24,7 @@ GIF_SECONDS_PER_FRAME = 0.6    # the original's GIF speed
 GIF_MAX_FRAMES = 100           # the closest images only: a GIF of thousands of frames helps nobody
 ROUND_DIGITS = 9               # factor * |c| is rounded before ceil so that 0.3 * 10 is 3, not 4
 UNLABELLED_SHOWN = 5           # rows named in the "still unlabelled" message
+LABELS_FILE = "labels.csv"     # T/UnsafeSet/labels.csv: the engineer's labels of a flat improvement set (step 5)
 
 
 # --- distances -------------------------------------------------------------------------------
@@ -37,7 +38,7 @@ def _as_rows(array, name):
     return array.reshape(array.shape[0], -1)
 
 
-def _check_clusters(cluster_heatmaps, cluster_labels):
+def _check_clusters(cluster_heatmaps, cluster_labels, source="cluster labels"):
     members = _as_rows(cluster_heatmaps, "cluster heatmaps")
     labels = np.asarray(cluster_labels)
     if labels.shape != (members.shape[0],):
@@ -49,8 +50,8 @@ def _check_clusters(cluster_heatmaps, cluster_labels):
     ids, sizes = np.unique(labels, return_counts=True)
     kept = ids[sizes > 1]
     if kept.size == 0:
-        raise HUDDError("every root-cause cluster has a single member, so no cluster can attract improvement "
-                        "images; add test images that the DNN gets wrong, or lower --max-clusters")
+        raise HUDDError(f"{source}: every root-cause cluster has a single member, so no cluster can attract "
+                        f"improvement images; add test images that the DNN gets wrong, or lower --max-clusters")
     return members, labels, kept, dict(zip(ids.tolist(), sizes.tolist()))
 
 
@@ -58,10 +59,14 @@ class _SingleLinkage:
     """Smallest Euclidean distance from a batch of heatmaps to the members of each cluster, by matrix products.
 
     Members and batches are centred on the members' mean first: the distances do not change, and
-    ||a||^2 + ||b||^2 - 2ab loses far less precision in float32 when the norms are small.
+    ||a||^2 + ||b||^2 - 2ab loses far less precision in float32 when the norms are small. The product
+    runs in torch, beside the heatmap engine: numpy's own BLAS threads, started between two LRP
+    batches, fight torch's for the cores and ran the product 5x slower (bench/assign.py).
     """
 
     def __init__(self, members, labels, cluster_ids):
+        import torch
+
         keep = np.flatnonzero(np.isin(labels, cluster_ids))
         owner = np.searchsorted(cluster_ids, labels[keep])
         by_cluster = np.argsort(owner, kind="stable")
@@ -70,17 +75,21 @@ class _SingleLinkage:
         self.dim = members.shape[1]
         self.dtype = np.promote_types(members.dtype, np.float32)
         self.centre = members.mean(axis=0, dtype=np.float64).astype(self.dtype)
-        self.members = (members - self.centre).astype(self.dtype, copy=False)
-        self.member_sq = np.einsum("ij,ij->i", self.members, self.members, dtype=np.float64)
+        centred = np.ascontiguousarray(members - self.centre, dtype=self.dtype)
+        self.member_sq = np.einsum("ij,ij->i", centred, centred, dtype=np.float64)
+        self.members_t = torch.from_numpy(centred).T
 
     def __call__(self, batch):
+        import torch
+
         batch = _as_rows(batch, "improvement heatmaps")
         if batch.shape[1] != self.dim:
             raise HUDDError(f"improvement heatmaps have {batch.shape[1]} values per image but the cluster "
                             f"heatmaps have {self.dim}; compute both at the same (selected) layer")
-        batch = (batch - self.centre).astype(self.dtype, copy=False)
+        batch = np.ascontiguousarray(batch - self.centre, dtype=self.dtype)
         batch_sq = np.einsum("ij,ij->i", batch, batch, dtype=np.float64)
-        squared = batch_sq[:, None] + self.member_sq[None, :] - 2.0 * (batch @ self.members.T).astype(np.float64)
+        products = (torch.from_numpy(batch) @ self.members_t).numpy().astype(np.float64)
+        squared = batch_sq[:, None] + self.member_sq[None, :] - 2.0 * products
         nearest = np.minimum.reduceat(squared, self.starts, axis=1)
         return np.sqrt(np.maximum(nearest, 0.0))
 
@@ -151,13 +160,14 @@ def greedy_assign(keys, cluster_ids, distances, quotas):
     return frame.astype({"cluster": np.int64, "distance": np.float64, "rank": np.int64})
 
 
-def select_unsafe_set(cluster_heatmaps, cluster_labels, improvement_batches, factor=DEFAULT_FACTOR):
+def select_unsafe_set(cluster_heatmaps, cluster_labels, improvement_batches, factor=DEFAULT_FACTOR,
+                      source="cluster labels"):
     """The unsafe set: DataFrame[image, cluster, distance, rank] (see greedy_assign).
 
     cluster_heatmaps: (N, ...) heatmaps of the test error images at the selected layer;
     cluster_labels: (N,) their cluster ids; improvement_batches: iterable of (image keys, heatmaps (n, ...)).
     """
-    _, _, _, sizes = _check_clusters(cluster_heatmaps, cluster_labels)
+    _, _, _, sizes = _check_clusters(cluster_heatmaps, cluster_labels, source)
     keys, cluster_ids, distances = cluster_distances(cluster_heatmaps, cluster_labels, improvement_batches)
     quotas = cluster_quotas({int(c): sizes[int(c)] for c in cluster_ids}, factor)
     return greedy_assign(keys, cluster_ids, distances, quotas)
@@ -232,7 +242,7 @@ def write_unsafe_set(t_dir, unsafe, datasets_dir, labelled):
         raise HUDDError(f"unsafe set: missing columns {sorted(missing)}; pass the frame select_unsafe_set returns")
     target = t_dir / "UnsafeSet"
     t_dir.mkdir(parents=True, exist_ok=True)
-    old_labels = _old_labels(target / "labels.csv")
+    old_labels = _old_labels(target / LABELS_FILE)
     build = Path(tempfile.mkdtemp(prefix=".UnsafeSet.", dir=t_dir))
     try:
         write_csv(build / "unsafe.csv", unsafe[UNSAFE_COLUMNS])
@@ -251,7 +261,7 @@ def write_unsafe_set(t_dir, unsafe, datasets_dir, labelled):
         if not labelled:
             labels = unsafe[["image", "cluster"]].copy()
             labels["label"] = [old_labels.get(i, "") for i in labels["image"]]
-            write_csv(build / "labels.csv", labels)
+            write_csv(build / LABELS_FILE, labels)
         trash = t_dir / f".UnsafeSet.old.{build.name.split('.')[-1]}"
         if target.exists():
             target.rename(trash)
@@ -268,7 +278,7 @@ def read_labels(t_dir, classes):
 
     Raises HUDDError naming the rows still unlabelled, or labels that are not class names.
     """
-    path = Path(t_dir) / "UnsafeSet" / "labels.csv"
+    path = Path(t_dir) / "UnsafeSet" / LABELS_FILE
     if not path.is_file():
         raise HUDDError(f"{path}: missing; run the assign step first (python HUDD.py -o CASE -step assign), "
                         f"then write each image's class in its label column")

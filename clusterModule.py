@@ -915,7 +915,8 @@ def rq1_summary(table, clusters, per_cluster=IMAGES_INSPECTED_PER_CLUSTER):
             "inspected_percent": 100.0 * inspected / n_errors if n_errors else float("nan")}
 
 
-def write_rq1(case_dir, images=None, labels=None, layer=None, per_cluster=IMAGES_INSPECTED_PER_CLUSTER):
+def write_rq1(case_dir, images=None, labels=None, layer=None, per_cluster=IMAGES_INSPECTED_PER_CLUSTER,
+              params=None):
     """CASE/RQ1.xlsx (sheets Clusters, Ratios, Summary) and CASE/RQ1.csv.
 
     The clusters are `images` with their `labels` when given, else T/ClusterAnalysis/<layer>/clusters.csv
@@ -942,13 +943,7 @@ def write_rq1(case_dir, images=None, labels=None, layer=None, per_cluster=IMAGES
         if not clusters_path.is_file():
             raise HUDDError(f"{clusters_path}: missing; run the clustering step first (-step clusters)")
         clusters = pd.read_csv(clusters_path, keep_default_na=False)
-    try:
-        params = pd.read_csv(params_path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise HUDDError(f"{params_path}: not a readable CSV ({exc}); fix or remove it") from None
-    if "image" not in params.columns:
-        raise HUDDError(f"{params_path}: needs a column 'image' (path relative to DataSets/, e.g. "
-                        f"TestSet/<class>/<file>)")
+    params = read_params(params_path) if params is None else params
     notes = []
     table = rq1(params, clusters, notes)
     for note in notes:
@@ -964,6 +959,18 @@ def write_rq1(case_dir, images=None, labels=None, layer=None, per_cluster=IMAGES
                 writer, sheet_name="Summary", index=False)
     write_csv(case_dir / "RQ1.csv", per)
     return summary
+
+
+def read_params(params_path):
+    """DataSets/params.csv as a DataFrame, or a HUDDError saying what is wrong with the file."""
+    try:
+        params = pd.read_csv(params_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise HUDDError(f"{params_path}: not a readable CSV ({exc}); fix or remove it") from None
+    if "image" not in params.columns:
+        raise HUDDError(f"{params_path}: needs a column 'image' (path relative to DataSets/, e.g. "
+                        f"TestSet/<class>/<file>)")
+    return params
 
 
 def format_rq1(summary):

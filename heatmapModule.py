@@ -69,7 +69,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class Preset:
-    """Layer kind -> rule; `first` overrides the rule of the input layer when it is a conv or linear."""
+    """Layer kind -> rule; `first` overrides the rule of the first conv or linear layer in forward order
+    (the input layer, also behind a Flatten or a pool, as zennit's first-layer composites)."""
 
     name: str
     conv: Rule
@@ -475,15 +476,16 @@ class _Session:
         self.bounds = bounds
         self.captures = {}
         self.inputs = {}
-        self.rules = [self._rule(layer, preset) for layer in plan]
+        first = next((layer.index for layer in plan if layer.kind in ("conv", "linear")), None)
+        self.rules = [self._rule(layer, preset, layer.index == first) for layer in plan]
 
     @staticmethod
-    def _rule(layer, preset):
+    def _rule(layer, preset, is_first):
         if layer.kind == "pass":
             return PASS
         if layer.kind == "batchnorm":
             return None
-        if layer.index == 0 and preset.first is not None and layer.kind in ("conv", "linear"):
+        if is_first and preset.first is not None:
             return preset.first
         rule = getattr(preset, layer.kind)
         if rule.kind == "unpool" and (layer.module.dilation not in (1, (1, 1))):
@@ -585,14 +587,20 @@ def _nonnegative(x):
 
 
 def _channelwise(bound, x):
+    """Per-channel bounds shaped for x; for a first layer behind a Flatten, repeated per flattened channel."""
     if bound.dim() == 1 and x.dim() > 2:
         return bound.reshape(1, -1, *([1] * (x.dim() - 2)))
+    if bound.dim() == 1 and x.dim() == 2 and bound.numel() > 1:
+        if x.shape[1] % bound.numel():
+            raise HUDDError(f"zB bounds: {bound.numel()} per-channel values for a first layer with "
+                            f"{x.shape[1]} inputs; pass scalar bounds or one per input channel")
+        return bound.repeat_interleave(x.shape[1] // bound.numel()).reshape(1, -1)
     return bound
 
 
 def _start_relevance(output, start):
     if callable(start):
-        start = start(output.detach())
+        start = start(output.detach().clone())      # the stabiliser later writes into the output's memory
     if start is None:
         if output.dim() != 2:
             raise HUDDError(f"the model output has shape {tuple(output.shape)}, not (batch, classes); pass "

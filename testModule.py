@@ -1,4 +1,5 @@
 """Step 'test': run the DNN over the data sets and decide which images are errors."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,14 @@ SKIPPED_COLUMNS = ["image", "reason"]
 
 
 def check_classes(meta, splits, model_path):
-    """The model's classes must be the class folders, in the same order."""
+    """The model's classes must be the class folders, in the same order.
+
+    A model that names no classes (None or an empty list) takes the class folders' names. The model
+    file is recorded in meta["model_file"], so that later checks (its output count) can name it.
+    """
+    meta["model_file"] = str(model_path)
     folders = next((s.classes for s in splits.values() if s.labelled), None)
-    classes = meta.get("classes")
+    classes = meta.get("classes") or None
     if folders is None:
         if classes is None:
             raise HUDDError(f"{model_path}: the model file names no classes and no split is labelled; "
@@ -26,6 +32,26 @@ def check_classes(meta, splits, model_path):
         raise HUDDError(f"{model_path}: model classes {list(classes)} differ from the class folders "
                         f"{list(folders)} of DataSets/; use the model trained on these classes")
     return list(folders)
+
+
+def _model_name(meta):
+    return (meta or {}).get("model_file") or "model file"
+
+
+def check_output_count(model, meta, classes, device):
+    """One blank input through the model: its output count must be the number of classes.
+
+    Checked before any image is read, so a wrong model fails in a second, not after a pass over the
+    training set.
+    """
+    spec = ImageSpec.from_meta(meta)
+    model.eval()
+    with torch.no_grad():
+        outputs = model(torch.zeros(1, spec.channels, spec.height, spec.width, device=device))
+    count = outputs.shape[1] if outputs.dim() >= 2 else outputs.numel()
+    if count != len(classes):
+        raise HUDDError(f"{_model_name(meta)}: the network has {count} outputs but there are {len(classes)} "
+                        f"class folders ({', '.join(classes)}); use a model trained on these class folders")
 
 
 def predict(model, dataset, device, batch_size=64, workers=0, desc=None, progress=True):
@@ -46,11 +72,11 @@ def predict(model, dataset, device, batch_size=64, workers=0, desc=None, progres
     return filled, skipped
 
 
-def results_frame(images, labels, classes, logits):
+def results_frame(images, labels, classes, logits, model_name="model file"):
     """The original's CSV layout: image,result,expected,predicted,<logit per class> (full precision)."""
     if logits.shape[1] != len(classes):
-        raise HUDDError(f"the model has {logits.shape[1]} outputs but there are {len(classes)} classes "
-                        f"({', '.join(classes)}); use a model trained on these class folders")
+        raise HUDDError(f"{model_name}: the network has {logits.shape[1]} outputs but there are {len(classes)} "
+                        f"classes ({', '.join(classes)}); use a model trained on these class folders")
     predicted = [classes[i] for i in logits.argmax(1)]
     if labels and labels[0] is not None:
         expected = list(labels)
@@ -63,15 +89,37 @@ def results_frame(images, labels, classes, logits):
     return pd.concat([frame, logit_columns], axis=1)
 
 
+def check_writable(case_dir, *names):
+    """Fail before any work when a result file cannot be written (a read-only case folder)."""
+    case_dir = Path(case_dir)
+    for folder in (case_dir, case_dir / "T"):
+        if folder.is_dir() and not os.access(folder, os.W_OK):
+            raise HUDDError(f"{folder}: not writable, so {', '.join(names) or 'the results'} cannot be saved; "
+                            f"copy the case folder somewhere writable or fix its permissions")
+
+
+def _write_all(case_dir, outputs):
+    """Write {path: DataFrame} once every frame is computed; a permission problem is one clear line."""
+    for path, frame in outputs.items():
+        try:
+            write_csv(path, frame)
+        except PermissionError:
+            raise HUDDError(f"{path.parent}: not writable, so {path.name} cannot be saved; copy the case "
+                            f"folder somewhere writable or fix its permissions") from None
+
+
 def write_results(case_dir, splits, model, meta, classes, device, batch_size=64, workers=0, progress=True):
     """Write trainResult.csv, testResult.csv and improveResult.csv; unreadable images go to T/skipped.csv.
 
     Returns {split name: DataFrame}. A corrupt or truncated image is skipped (listed with its reason),
-    not fatal: a run over tens of thousands of images must not die at the last one.
+    not fatal: a run over tens of thousands of images must not die at the last one. Nothing is written
+    until every split has been predicted, so bad input in any split leaves the earlier files untouched.
     """
     case_dir = Path(case_dir)
     spec = ImageSpec.from_meta(meta)
     datasets = case_dir / "DataSets"
+    check_writable(case_dir, *(RESULT_FILES[name] for name in splits))
+    check_output_count(model, meta, classes, device)
     frames, skipped_rows = {}, []
     for name, split in splits.items():
         dataset = ImageSet(datasets, split.images, spec)
@@ -81,11 +129,11 @@ def write_results(case_dir, splits, model, meta, classes, device, batch_size=64,
         if not keep:
             raise HUDDError(f"{datasets / name}: none of its {len(split)} images could be read "
                             f"(first: {split.images[0]}: {skipped.get(0, '')}); replace the files")
-        frame = results_frame([split.images[i] for i in keep], [split.labels[i] for i in keep],
-                              classes, logits[keep])
-        write_csv(case_dir / RESULT_FILES[name], frame)
-        frames[name] = frame
-    write_csv(case_dir / "T" / "skipped.csv", pd.DataFrame(skipped_rows, columns=SKIPPED_COLUMNS))
+        frames[name] = results_frame([split.images[i] for i in keep], [split.labels[i] for i in keep],
+                                     classes, logits[keep], _model_name(meta))
+    outputs = {case_dir / RESULT_FILES[name]: frame for name, frame in frames.items()}
+    outputs[case_dir / "T" / "skipped.csv"] = pd.DataFrame(skipped_rows, columns=SKIPPED_COLUMNS)
+    _write_all(case_dir, outputs)
     return frames
 
 
@@ -327,13 +375,13 @@ def write_keypoint_results(case_dir, splits, model, meta, device, batch_size=64,
             raise HUDDError(f"{datasets / name}: none of its {len(split)} images could be read "
                             f"(first: {split.images[0]}: {skipped.get(0, '')}); replace the files")
         if coords.shape[1] != len(names):
-            raise HUDDError(f"the model has {coords.shape[1]} output maps but names {len(names)} keypoints; "
-                            f"re-save it with one name per output map")
-        frame = keypoint_frame([split.images[i] for i in keep], [split.labels[i] for i in keep], coords[keep],
-                               names, components, threshold)
-        write_csv(case_dir / RESULT_FILES[name], frame)
-        frames[name] = frame
-    write_csv(case_dir / "T" / "skipped.csv", pd.DataFrame(skipped_rows, columns=SKIPPED_COLUMNS))
+            raise HUDDError(f"{_model_name(meta)}: the network has {coords.shape[1]} output maps but names "
+                            f"{len(names)} keypoints; re-save it with one name per output map")
+        frames[name] = keypoint_frame([split.images[i] for i in keep], [split.labels[i] for i in keep],
+                                      coords[keep], names, components, threshold)
+    outputs = {case_dir / RESULT_FILES[name]: frame for name, frame in frames.items()}
+    outputs[case_dir / "T" / "skipped.csv"] = pd.DataFrame(skipped_rows, columns=SKIPPED_COLUMNS)
+    _write_all(case_dir, outputs)
     return frames
 
 

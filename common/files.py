@@ -67,8 +67,8 @@ def content_hash(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
-def tree_fingerprint(root):
-    """One hash over the relative path, size and mtime of every file below `root`."""
+def tree_fingerprint(root, exclude=()):
+    """One hash over the relative path, size and mtime of every file below `root` but those in `exclude`."""
     root = Path(root)
     digest = hashlib.sha256()
     if root.exists():
@@ -77,5 +77,7 @@ def tree_fingerprint(root):
             for name in sorted(filenames):
                 full = os.path.join(dirpath, name)
                 rel = os.path.relpath(full, root)
+                if rel in exclude:
+                    continue
                 digest.update(f"{rel}\0{file_fingerprint(full)}\n".encode())
     return digest.hexdigest()

@@ -96,7 +96,9 @@ def load_model(path, device="cpu", trust=False):
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" not in str(exc).lower():
+        # Only a pickle that names classes to import ("Unsupported global") is a full pickle; any other
+        # failure of the weights-only unpickler means the file is not a pickle at all.
+        if "weights only" not in str(exc).lower() or "unsupported global" not in str(exc).lower():
             raise HUDDError(f"{path}: not a model file (unreadable pickle); pass a .pth written by "
                             f"models.save_model") from None
         if not trust:

@@ -1,4 +1,5 @@
 """The LRP engine against independent references: a plain per-layer loop (tests/lrp_reference.py) and zennit."""
+import copy
 import os
 
 import numpy as np
@@ -67,6 +68,98 @@ def mixed(seed=0, inplace=True, zero_bias=False):
                     m.bias.zero_()
             net.bn1.running_mean.zero_()
     return net.double().eval()
+
+
+class Signed(nn.Module):
+    """Convolutions fed inputs of both signs (z+ must keep the products of negative inputs and negative
+    weights), batchnorms merged into z+ convolutions, a strided convolution, a dense layer fed negatives."""
+
+    def __init__(self, bn=True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 5, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(5, 6, 3, stride=2, padding=1)
+        self.bn2 = nn.BatchNorm2d(6) if bn else None
+        self.conv3 = nn.Conv2d(6, 4, 3, padding=1)
+        self.bn3 = nn.BatchNorm2d(4) if bn else None
+        self.pool2 = nn.AvgPool2d(2)
+        self.fc1 = nn.Linear(16, 6)
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.pool1(self.relu1(self.conv1(x)))
+        x = self.conv2(x) if self.bn2 is None else self.bn2(self.conv2(x))
+        x = self.conv3(x) if self.bn3 is None else self.bn3(self.conv3(x))
+        return self.fc2(self.fc1(torch.flatten(self.pool2(x), 1)))
+
+    def steps(self):
+        convs = [("conv", self.conv2), ("conv", self.conv3)] if self.bn2 is None else \
+            [("conv_bn", self.conv2, self.bn2), ("conv_bn", self.conv3, self.bn3)]
+        return [("conv", self.conv1), ("relu", self.relu1), ("maxpool", self.pool1), *convs,
+                ("avgpool", self.pool2), ("f_flatten",), ("linear", self.fc1), ("linear", self.fc2)]
+
+
+def signed(seed=0, bn=True):
+    torch.manual_seed(seed)
+    net = Signed(bn)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.3)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(-1.5, 1.5)       # negative scales flip the signs of merged weights
+                m.bias.normal_(0, 0.2)
+    return net.double().eval()
+
+
+class Dense(nn.Module):
+    """A dense input layer (zB on a Linear, bounds over the flattened features) after a functional flatten."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(48, 8)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.fc1(x.reshape(x.shape[0], -1))))
+
+    def steps(self):
+        return [("f_flatten",), ("linear", self.fc1), ("relu", self.relu), ("linear", self.fc2)]
+
+
+def dense(seed=0):
+    torch.manual_seed(seed)
+    return Dense().double().eval()
+
+
+class PoolFirst(nn.Module):
+    """The input layer is an average pool, then a Flatten module: zB belongs on the first conv, not on Layer0."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = nn.AvgPool2d(2)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        return self.fc(self.flat(self.relu(self.conv(self.pool(x)))))
+
+    def steps(self):
+        return [("avgpool", self.pool), ("conv", self.conv), ("relu", self.relu), ("flatten", self.flat),
+                ("linear", self.fc)]
+
+
+def flatten_first(seed=0):
+    """nn.Flatten as the first leaf module: zB on the Linear behind it."""
+    torch.manual_seed(seed)
+    flat, fc1, relu, fc2 = nn.Flatten(), nn.Linear(48, 8), nn.ReLU(), nn.Linear(8, 3)
+    net = nn.Sequential(flat, fc1, relu, fc2).double().eval()
+    net.steps = lambda: [("flatten", flat), ("linear", fc1), ("relu", relu), ("linear", fc2)]
+    return net
 
 
 def kpnet_steps(k):
@@ -150,6 +243,67 @@ def test_kpnet_start_tensor_matches_plain_loop(rule):
     torch.testing.assert_close(from_callable["Layer0"], expected[0], rtol=RTOL, atol=0)
 
 
+BOX = (torch.tensor([-2.0, -1.5, -2.5], dtype=torch.float64), torch.tensor([2.0, 2.5, 1.5], dtype=torch.float64))
+
+
+def small_alexnet_steps(net):
+    kinds = {nn.Conv2d: "conv", nn.ReLU: "relu", nn.MaxPool2d: "maxpool", nn.Dropout: "dropout", nn.Linear: "linear"}
+    return [(kinds[type(m)], m) for m in net.features] + [("f_flatten",)] + \
+        [(kinds[type(m)], m) for m in net.classifier]
+
+
+def composite_case(name):
+    """(model, its steps, inputs, start relevance or None) for the composite's plain-loop comparison."""
+    torch.manual_seed(11)
+    if name == "kpnet":
+        k = small_kpnet(seed=1)
+        x = torch.randn(3, 1, 16, 16, dtype=torch.float64)
+        return k, kpnet_steps(k), x, worst_keypoint(k(x).detach())
+    if name == "small-alexnet":
+        torch.manual_seed(4)
+        net = SmallAlexNet(num_classes=3, in_channels=1, input_size=28, width=4, hidden=16).double().eval()
+        return net, small_alexnet_steps(net), torch.randn(3, 1, 28, 28, dtype=torch.float64), None
+    if name in ("dense", "flatten-first"):
+        net = dense() if name == "dense" else flatten_first()
+        return net, net.steps(), torch.randn(3, 3, 4, 4, dtype=torch.float64), None
+    if name == "pool-first":
+        torch.manual_seed(3)
+        net = PoolFirst().double().eval()
+        return net, net.steps(), torch.randn(3, 3, 16, 16, dtype=torch.float64), None
+    net = {"mixed": mixed(seed=2), "signed-bn": signed(seed=2), "signed": signed(seed=2, bn=False)}[name]
+    return net, net.steps(), torch.randn(3, 3, 16, 16, dtype=torch.float64), None
+
+
+@pytest.mark.parametrize("bounds", ["per-image", "given"])
+@pytest.mark.parametrize("name", ["mixed", "signed-bn", "signed", "kpnet", "small-alexnet", "dense", "flatten-first",
+                                  "pool-first"])
+def test_composite_every_layer_matches_plain_loop(name, bounds):
+    """zB (first conv or linear layer), z+ (convolutions, inputs of both signs), epsilon (dense, average pools)."""
+    net, steps, x, start = composite_case(name)
+    box = None
+    if bounds == "given":
+        box = (-3.0, 3.5) if x.shape[1] != 3 or name == "dense" else BOX
+    if start is None:
+        start = predicted_logit(net(x).detach())
+    expected = ref.relevance(steps, x, start, "composite", bounds=box)
+    got = hm.layer_relevance(net, x, rule="composite", start=start, bounds=box)
+    assert_layers_match(got, expected)
+
+
+def test_composite_weights_changed_in_place_are_not_served_from_cache():
+    """The composite's z+ and zB weights are cached per module: an in-place change must invalidate them."""
+    net = signed(seed=3)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    hm.layer_relevance(net, x, rule="composite", layers=["Layer0"])
+    with torch.no_grad():
+        net.conv1.weight.mul_(-1.0)
+        net.conv3.bias.add_(0.5)
+        net.bn2.running_var.mul_(3.0)
+    start = predicted_logit(net(x).detach())
+    assert_layers_match(hm.layer_relevance(net, x, rule="composite"),
+                        ref.relevance(net.steps(), x, start, "composite"))
+
+
 def test_keypoint_output_without_start_asks_for_one():
     k = small_kpnet()
     with pytest.raises(HUDDError, match="start="):
@@ -211,6 +365,50 @@ def test_input_relevance_matches_zennit():
             got = hm.layer_relevance(model, x, rule=rule, bounds=(low, high), layers=["Layer0"])["Layer0"]
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-9 * expected.abs().max().item(),
                                        msg=lambda m: f"{type(model).__name__} {rule}: {m}")
+
+
+def zennit_layer_relevance(model, composite, x, start):
+    """zennit's relevance at the input of every leaf module, in call order: the gradient of its attribution
+    pass with respect to each module's input, taken from pre-hooks that run before zennit's own (which
+    swap the input for an identity whose backward returns the rule's relevance)."""
+    inputs = []
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_pre_hook(lambda module, args: inputs.append(args[0]), prepend=True)
+               for m in leaves]
+    try:
+        with composite.context(model) as modified:
+            output = modified(x.detach().clone().requires_grad_(True))
+            grads = torch.autograd.grad(output, inputs, grad_outputs=start)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [g.detach() for g in grads]
+
+
+def test_composite_matches_zennit_at_every_layer():
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import SpecialFirstLayerMapComposite
+    from zennit.rules import Epsilon, Norm, Pass, ZBox, ZPlus
+    from zennit.types import Activation, AvgPool, Convolution
+
+    low, high = BOX
+    for model in (mixed(seed=3, inplace=False), signed(seed=4)):
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eps = 0.0   # zennit's merged batchnorm still divides by sqrt(1 + eps); with eps 0 it is exact
+        composite = SpecialFirstLayerMapComposite(
+            [(Activation, Pass()), (AvgPool, Norm()), (Convolution, ZPlus()), (nn.Linear, Epsilon())],
+            first_map=[(Convolution, ZBox(low.view(1, -1, 1, 1), high.view(1, -1, 1, 1)))],
+            canonizers=[SequentialMergeBatchNorm()])
+        x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+        start = predicted_logit(model(x).detach())
+        expected = zennit_layer_relevance(model, composite, x, start)
+        got = hm.layer_relevance(model, x, rule="composite", start=start, bounds=BOX)
+        assert len(expected) == len(got)
+        for i, exp in enumerate(expected):
+            torch.testing.assert_close(got[f"Layer{i}"], exp, rtol=1e-6, atol=1e-9 * exp.abs().max().item(),
+                                       msg=lambda m: f"{type(model).__name__} Layer{i}: {m}")
+        assert no_hooks(model)
 
 
 # ------------------------------------------------------------------------------------ (c) conservation
@@ -296,6 +494,35 @@ def test_torchvision_alexnet_conserves_relevance_through_adaptive_pooling():
     kept = [row["layer"] for row in hm.layer_table(net, (3, 64, 64)) if row["kept"]]
     for name, rel in hm.layer_relevance(net, x, layers=kept).items():
         torch.testing.assert_close(rel.flatten(1).sum(1), start, rtol=1e-3, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rule,name", [("hudd", "mixed"), ("epsilon", "mixed"), ("composite", "mixed"),
+                                       ("hudd", "kpnet"), ("hudd-compat", "kpnet"), ("composite", "kpnet")])
+def test_cuda_gives_the_cpu_relevance_at_every_kept_layer(rule, name):
+    """float32 as in use, TF32 off. hudd-compat only where pools do not overlap: max_unpool2d's writes to a
+    shared maximum land in an unspecified order (PyTorch lists it as nondeterministic)."""
+    net = (mixed(seed=8) if name == "mixed" else small_kpnet(seed=8)).float()
+    shape = (3, 16, 16) if name == "mixed" else (1, 16, 16)
+    torch.manual_seed(9)
+    x = torch.randn(4, *shape)
+    start = None if name == "mixed" else worst_keypoint(net(x).detach())
+    kept = [row["layer"] for row in hm.layer_table(net, shape) if row["kept"]]
+    cpu = hm.layer_relevance(net, x, rule=rule, start=start, layers=kept)
+    on_gpu = copy.deepcopy(net).cuda()
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        gpu = hm.layer_relevance(on_gpu, x.cuda(), rule=rule, start=None if start is None else start.cuda(),
+                                 layers=kept)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+    assert list(gpu) == kept and no_hooks(on_gpu)
+    for layer in kept:
+        assert gpu[layer].device.type == "cuda"
+        scale = cpu[layer].abs().max().item() or 1.0
+        torch.testing.assert_close(gpu[layer].cpu(), cpu[layer], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=lambda m: f"{layer}: {m}")
 
 
 # --------------------------------------------------------------------- model left unchanged, errors

@@ -1,6 +1,7 @@
 """The whole pipeline as a user meets it: all steps, resume after a kill, determinism."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def test_same_seed_gives_identical_results(reference_run, tmp_path):
     assert results_of(twin) == results_of(case)
 
 
-@pytest.mark.parametrize("kill_at", ["[heatmaps] running", "[clusters] running", "[retrain] running"])
+@pytest.mark.parametrize("kill_at", [f"[{step}] running" for step in Helper.STEPS])
 def test_killed_run_resumes_to_the_same_results(reference_run, tmp_path, kill_at):
     case, _ = reference_run
     victim = make_tiny_case(tmp_path / "case")
@@ -79,10 +80,42 @@ def test_killed_run_resumes_to_the_same_results(reference_run, tmp_path, kill_at
             break
     proc.wait(timeout=600)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    finished = json.loads((victim / "T" / "manifest.json").read_text())["steps"]
+    manifest = victim / "T" / "manifest.json"          # none yet when killed during the first step
+    finished = json.loads(manifest.read_text())["steps"] if manifest.is_file() else {}
     rerun = subprocess.run(hudd_cmd(victim), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     after = json.loads((victim / "T" / "manifest.json").read_text())["steps"]
     for step, record in finished.items():      # finished steps were not recomputed
         assert after[step]["outputs"] == record["outputs"], step
     assert results_of(victim) == results_of(case)
+
+
+def run_ok(case, *extra):
+    done = subprocess.run(hudd_cmd(case, *extra), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_a_rerun_step_invalidates_every_later_step(reference_run, tmp_path):
+    case, _ = reference_run
+    copy = shutil.copytree(case, tmp_path / "case")
+    run_ok(copy, "-step", "heatmaps")
+    assert set(json.loads((copy / "T" / "manifest.json").read_text())["steps"]) == {"test", "heatmaps"}
+    stdout = run_ok(copy)
+    assert "[test] up to date" in stdout and "[heatmaps] up to date" in stdout
+    for later in ("distances", "clusters", "assign", "retrain"):
+        assert f"[{later}] running" in stdout, later
+    assert results_of(copy) == results_of(case)
+
+
+def test_a_changed_option_reruns_its_step_and_the_ones_after(reference_run, tmp_path):
+    case, _ = reference_run
+    copy = shutil.copytree(case, tmp_path / "case")
+    stdout = run_ok(copy, "--rule", "epsilon")
+    assert "[test] up to date" in stdout
+    for step in ("heatmaps", "distances", "clusters", "assign", "retrain"):
+        assert f"[{step}] running" in stdout, step
+    before = json.loads((case / "T" / "manifest.json").read_text())["steps"]["heatmaps"]
+    after = json.loads((copy / "T" / "manifest.json").read_text())["steps"]["heatmaps"]
+    assert before["inputs"]["options"]["rule"] == "hudd" and after["inputs"]["options"]["rule"] == "epsilon"
+    assert before["outputs"] != after["outputs"]
