@@ -116,6 +116,7 @@ def _train(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, ma
     train = splits["TrainingSet"]
     targets = [train.classes.index(label) for label in train.labels]
     dataset = ImageSet(case / "DataSets", train.images, spec, targets)
+    torch.manual_seed(seed)             # the initial weights too: the same seed gives the same DNN
     model = models.SmallAlexNet(num_classes=len(train.classes), **arch_args)
     device = resolve_device("auto")
     start = time.time()

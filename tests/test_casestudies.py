@@ -85,6 +85,20 @@ def test_same_seed_same_bytes_other_seed_other_data(gaze_case, tmp_path):
     assert (other / "params.csv").read_bytes() != (gaze_case / "DataSets" / "params.csv").read_bytes()
 
 
+def test_same_seed_trains_the_same_dnn(gaze_case, tmp_path):
+    import torch
+
+    again = shutil.copytree(gaze_case, tmp_path / "again")
+    (again / "DNNModels" / "OriginalModel.pth").unlink()       # complete data sets: the build resumes at training
+    torch.manual_seed(12345)
+    torch.rand(100)                                             # whatever ran before must not matter
+    casestudies.build("gaze", again, seed=3, scale="small", progress=False, threads=1)
+    first, _ = models.load_model(gaze_case / "DNNModels" / "OriginalModel.pth")
+    second, _ = models.load_model(again / "DNNModels" / "OriginalModel.pth")
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_refuses_to_overwrite_unless_forced(gaze_case, tmp_path, capsys):
     before = (gaze_case / "DataSets" / "params.csv").stat().st_mtime_ns
     with pytest.raises(HUDDError, match="--force"):
