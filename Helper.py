@@ -7,7 +7,6 @@ drops the records of every step after it. Only this module knows the order of th
 """
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import time
@@ -15,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import HUDDError
-from common.files import content_hash, file_fingerprint, tree_fingerprint, write_csv, write_json
+from common.files import content_hash, file_fingerprint, json_digest, tree_fingerprint, write_csv, write_json
 
 STEPS = ("test", "heatmaps", "distances", "clusters", "assign", "retrain")
 MANIFEST_VERSION = 1
@@ -188,10 +187,6 @@ def _fingerprint(path):
     return "missing"
 
 
-def _digest(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def step_key(case, name):
     return f"retrain_{case.options.mode}" if name == "retrain" else name
 
@@ -205,7 +200,7 @@ def _inputs(case, name, manifest):
         return inputs
     previous = STEPS[STEPS.index(name) - 1]
     record = manifest["steps"].get(previous)
-    inputs["upstream"] = _digest(record["outputs"]) if record else None
+    inputs["upstream"] = json_digest(record["outputs"]) if record else None
     if name in ("assign", "retrain"):
         inputs["model"] = content_hash(case.model_path)
         inputs["improvement"] = tree_fingerprint(case.datasets / "ImprovementSet")

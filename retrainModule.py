@@ -11,7 +11,7 @@ from torch import nn
 
 from common.data import ImageSet, ImageSpec, batches, list_case, resolve_device
 from common.errors import HUDDError
-from common.files import atomic_path, content_hash, save_torch, tree_fingerprint, write_csv
+from common.files import atomic_path, content_hash, json_digest, save_torch, tree_fingerprint, write_csv
 
 
 def sgd(params, lr=1e-3, momentum=0.9, weight_decay=5e-4):
@@ -512,16 +512,13 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
 
 def _inputs_digest(case_dir, model_path, mode, **options):
     """A short digest of everything a repetition's result depends on, but its seed."""
-    import hashlib
-    import json
-
     t = Path(case_dir) / "T"
     parts = {"mode": mode, "options": options, "model": content_hash(model_path),
              "training": tree_fingerprint(Path(case_dir) / "DataSets" / "TrainingSet"),
              "improvement": tree_fingerprint(Path(case_dir) / "DataSets" / "ImprovementSet")}
     for name in ("UnsafeSet/unsafe.csv", "UnsafeSet/labels.csv", "ClusterAnalysis/summary.csv"):
         parts[name] = content_hash(t / name) if (t / name).is_file() else None
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return json_digest(parts)[:16]
 
 
 def _finished_reps(out_csv, inputs, case_dir):

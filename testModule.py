@@ -98,7 +98,7 @@ def check_writable(case_dir, *names):
                             f"copy the case folder somewhere writable or fix its permissions")
 
 
-def _write_all(case_dir, outputs):
+def _write_all(outputs):
     """Write {path: DataFrame} once every frame is computed; a permission problem is one clear line."""
     for path, frame in outputs.items():
         try:
@@ -133,7 +133,7 @@ def write_results(case_dir, splits, model, meta, classes, device, batch_size=64,
                                      classes, logits[keep], _model_name(meta))
     outputs = {case_dir / RESULT_FILES[name]: frame for name, frame in frames.items()}
     outputs[case_dir / "T" / "skipped.csv"] = pd.DataFrame(skipped_rows, columns=SKIPPED_COLUMNS)
-    _write_all(case_dir, outputs)
+    _write_all(outputs)
     return frames
 
 
@@ -381,7 +381,7 @@ def write_keypoint_results(case_dir, splits, model, meta, device, batch_size=64,
                                       coords[keep], names, components, threshold)
     outputs = {case_dir / RESULT_FILES[name]: frame for name, frame in frames.items()}
     outputs[case_dir / "T" / "skipped.csv"] = pd.DataFrame(skipped_rows, columns=SKIPPED_COLUMNS)
-    _write_all(case_dir, outputs)
+    _write_all(outputs)
     return frames
 
 

@@ -67,6 +67,11 @@ def content_hash(path, chunk=1 << 20):
     return digest.hexdigest()
 
 
+def json_digest(obj):
+    """sha256 of a JSON-able object (keys sorted): the identity of a step's or a repetition's inputs."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def tree_fingerprint(root, exclude=()):
     """One hash over the relative path, size and mtime of every file below `root` but those in `exclude`."""
     root = Path(root)
