@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.errors import HUDDError
+from common.memory import retain_freed_memory
 
 HUDD_EPSILON = 1e-9         # the original's Z = Y + 1e-9 for convolutions, pools and z+ layers
 ZENNIT_EPSILON = 1e-6       # zennit's default stabiliser, used by the epsilon and composite presets
@@ -629,8 +630,11 @@ def layer_relevance(model, inputs, rule="hudd", start=None, layers=None, *, boun
     callable(outputs) -> such a tensor. layers: names to return (the others are not kept in memory).
     bounds: (low, high) input range for the composite's zB rule (scalars or per-channel); default: each
     image's own per-channel min and max. The model is left as it was (training flags, in-place flags,
-    weights); no hook stays registered, also when an error is raised.
+    weights); no hook stays registered, also when an error is raised. The first call sets glibc to keep
+    freed memory in the process (common.memory: every batch reallocates the same few hundred MB, and
+    faulting them in again cost 10-20% of the throughput); HUDD_RETAIN_MEMORY=0 leaves glibc as it is.
     """
+    retain_freed_memory()
     preset = _preset(rule)
     if not torch.is_tensor(inputs) or inputs.dim() < 2:
         raise HUDDError("inputs must be a tensor (batch, ...) of images")

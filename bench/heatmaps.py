@@ -10,13 +10,15 @@ which other jobs on a shared machine disturb less. A missing library is skipped 
     .venv/bin/python bench/heatmaps.py                   # 3 timed rounds per method
     .venv/bin/python bench/heatmaps.py --repeat 10 --only engine-kept
 
-glibc returns freed memory to the system and faults it in again on the next batch; this costs the
-methods that return many big tensors (all kept layers: ~120 MB per batch) a few percent. Running
-with MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=2000000000 removes that for every
-method alike.
+Every method runs with the allocator setting the tool itself uses (common.memory.retain_freed_memory:
+glibc keeps freed memory for the next batch instead of faulting it in again), applied in each worker
+before anything is timed, so plain and every library get it alike. --system-allocator measures with
+glibc's defaults instead, where returning and re-faulting ~120 MB of relevance per batch costs the
+engine (which holds all kept layers until the batch ends) more than plain.
 """
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -97,9 +99,14 @@ def _cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
-def worker(key, batch, size, threads, repeat):
+def worker(key, batch, size, threads, repeat, system_allocator=False):
     """Time `key` and plain alternately in this process; print one JSON line."""
     sys.path.insert(0, str(ROOT))
+    if system_allocator:
+        os.environ["HUDD_RETAIN_MEMORY"] = "0"
+    from common.memory import retain_freed_memory
+
+    retaining = retain_freed_memory()
     import torch
 
     from models.alexnet import AlexNet
@@ -124,7 +131,7 @@ def worker(key, batch, size, threads, repeat):
             if round_:
                 wall[name].append(time.perf_counter() - start)
                 cpu[name].append(_cpu_seconds() - start_cpu)
-    print(json.dumps({"wall": wall, "cpu": cpu, "torch": torch.__version__}))
+    print(json.dumps({"wall": wall, "cpu": cpu, "torch": torch.__version__, "retaining": retaining}))
 
 
 def main(argv=None):
@@ -134,17 +141,21 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds after one warm-up round")
     parser.add_argument("--only", nargs="*", choices=sorted(METHODS), help="methods to run (default: all)")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="glibc's default thresholds instead of the tool's (common.memory)")
     parser.add_argument("--worker", choices=sorted(METHODS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.batch, args.size, args.threads, args.repeat)
+        worker(args.worker, args.batch, args.size, args.threads, args.repeat, args.system_allocator)
         return
 
-    rows, plain_rates, version = [], [], "?"
+    rows, plain_rates, version, retained = [], [], "?", set()
     for key in args.only or METHODS:
         label = METHODS[key][0]
         command = [sys.executable, __file__, "--worker", key, "--batch", str(args.batch), "--size", str(args.size),
                    "--threads", str(args.threads), "--repeat", str(args.repeat)]
+        if args.system_allocator:
+            command.append("--system-allocator")
         done = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         if done.returncode or not lines:
@@ -156,6 +167,7 @@ def main(argv=None):
             rows.append((label, f"skipped: {result['skipped']} (pip install it to compare)"))
             continue
         version = result["torch"]
+        retained.add(result["retaining"])
         wall = {name: statistics.median(v) for name, v in result["wall"].items()}
         cpu = {name: statistics.median(v) for name, v in result["cpu"].items()}
         plain_rates.append(args.batch / wall["plain"])
@@ -163,6 +175,9 @@ def main(argv=None):
 
     print(f"AlexNet 3x{args.size}x{args.size}, batch {args.batch}, {args.threads} threads, median of "
           f"{args.repeat} rounds, each method paired with plain in its own process (torch {version})")
+    allocator = {frozenset([True]): "freed memory kept (the tool's setting, common.memory)",
+                 frozenset([False]): "glibc defaults"}.get(frozenset(retained), "mixed")
+    print(f"  allocator: {allocator}")
     if plain_rates:
         print(f"  plain forward+backward: {statistics.median(plain_rates):.1f} images/s "
               f"(median over the method processes; range {min(plain_rates):.1f}-{max(plain_rates):.1f})")
