@@ -632,7 +632,7 @@ def layer_relevance(model, inputs, rule="hudd", start=None, layers=None, *, boun
     image's own per-channel min and max. The model is left as it was (training flags, in-place flags,
     weights); no hook stays registered, also when an error is raised. The first call sets glibc to keep
     freed memory in the process (common.memory: every batch reallocates the same few hundred MB, and
-    faulting them in again cost 10-20% of the throughput); HUDD_RETAIN_MEMORY=0 leaves glibc as it is.
+    faulting them in again cost up to 30% of the throughput); HUDD_RETAIN_MEMORY=0 leaves glibc as it is.
     """
     retain_freed_memory()
     preset = _preset(rule)

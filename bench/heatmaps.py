@@ -175,8 +175,8 @@ def main(argv=None):
 
     print(f"AlexNet 3x{args.size}x{args.size}, batch {args.batch}, {args.threads} threads, median of "
           f"{args.repeat} rounds, each method paired with plain in its own process (torch {version})")
-    allocator = {frozenset([True]): "freed memory kept (the tool's setting, common.memory)",
-                 frozenset([False]): "glibc defaults"}.get(frozenset(retained), "mixed")
+    allocator = ("freed memory kept (the tool's setting, common.memory)" if retained == {True}
+                 else "glibc defaults" if retained == {False} else "mixed")
     print(f"  allocator: {allocator}")
     if plain_rates:
         print(f"  plain forward+backward: {statistics.median(plain_rates):.1f} images/s "

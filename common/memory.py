@@ -4,8 +4,8 @@ With glibc's defaults a tensor of more than a few MB is returned to the system w
 trim of the heap top), and the next batch's tensor of the same size is faulted in again page by page;
 each fault also zeroes the page. Measured on this project's 2-core machine (AlexNet at 256x256, batch
 32): the kernel zeroed 25 MB in 46 ms where the warm copy took 1.8 ms, and the LRP engine, which holds
-every kept layer's relevance until the batch ends, ran at 0.77-0.85 of a plain forward+backward instead
-of about 0.9. ``retain_freed_memory`` raises glibc's mmap and trim thresholds once per process, the
+every kept layer's relevance until the batch ends, ran at 0.67-0.85 of a plain forward+backward instead
+of 0.93. ``retain_freed_memory`` raises glibc's mmap and trim thresholds once per process, the
 documented alternative to preloading jemalloc or tcmalloc; the process then keeps its peak heap (up to
 ``TRIM_BYTES`` above what is in use) instead of returning it between batches.
 

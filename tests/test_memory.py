@@ -29,12 +29,17 @@ print(json.dumps({{"active": active, "held": resident() - start}}))
 """
 
 
-def probe(call=True, **env):
+def run_python(code, **env):
+    """Run `code` in a fresh interpreter with no allocator setting inherited, plus `env`; return its stdout."""
     environment = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "HUDD_RETAIN_MEMORY"}
     environment.update(env)
-    code = PROBE.format(root=str(ROOT), call=call)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment,
+                          check=True).stdout
+
+
+def probe(call=True, **env):
+    out = run_python(PROBE.format(root=str(ROOT), call=call), **env)
+    return json.loads(out.strip().splitlines()[-1])
 
 
 glibc = pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"),
@@ -61,6 +66,4 @@ def test_engine_sets_it_on_first_use():
     code = ("import sys; sys.path.insert(0, %r); import torch, heatmapModule, common.memory as m; "
             "before = m.retaining(); heatmapModule.layer_relevance(torch.nn.Sequential(torch.nn.Linear(4, 2)), "
             "torch.ones(1, 4)); print(before, m.retaining())" % str(ROOT))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "HUDD_RETAIN_MEMORY"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
-    assert done.stdout.split() == ["False", "True"]
+    assert run_python(code).split() == ["False", "True"]
