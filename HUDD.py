@@ -3,7 +3,7 @@ import argparse
 import sys
 
 import Helper
-from common.errors import HUDDError
+from common.errors import HUDDError, InternalError
 
 
 def boolean(text):
@@ -71,6 +71,11 @@ def parser():
                    help="which retraining epoch to keep (original: best training accuracy)")
     p.add_argument("--lr", type=positive_float, default=defaults.lr,
                    help="retraining learning rate (default: the original's 1e-3, SGD; RMSprop for keypoints)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default=defaults.schedule,
+                   help="retraining learning-rate schedule (original: constant; cosine falls to 0 over the epochs)")
+    p.add_argument("--monitor-test", type=boolean, default=defaults.monitor_test, metavar="True|False",
+                   help="record the test accuracy after every retraining epoch in T/retrain_<mode>_history.csv "
+                        "(a diagnosis; never used to choose the kept epoch)")
     p.add_argument("--threshold", type=positive_float, default=defaults.threshold,
                    help="keypoint regressors: an image is Wrong when its mean keypoint error is above this (px; "
                         "default 4)")
@@ -92,13 +97,17 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         summaries = Helper.run(args.case, args.model, options_from(args), step=args.step)
+        with Helper.stage(args.case, "summary"):
+            print(Helper.summary_text(args.case, summaries))
     except HUDDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except InternalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; finished steps are kept: rerun the same command to resume", file=sys.stderr)
         return 130
-    print(Helper.summary_text(args.case, summaries))
     return 0
 
 

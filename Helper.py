@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import HUDDError
+from common.errors import HUDDError, InternalError, log_internal_error
 from common.files import content_hash, file_fingerprint, json_digest, tree_fingerprint, write_csv, write_json
 
 STEPS = ("test", "heatmaps", "distances", "clusters", "assign", "retrain")
@@ -45,6 +45,8 @@ class Options:
     threshold: float = 4.0      # keypoint regressors: Wrong when the mean keypoint error is above this (px)
     freeze: int = 4             # keypoint regressors: first convolutions frozen when retraining (the original's 4)
     lr: float | None = None     # retraining learning rate; None = the original's 1e-3 (SGD, or RMSprop for keypoints)
+    schedule: str = "constant"  # retraining learning-rate schedule: constant (the original's) or cosine
+    monitor_test: bool = False  # record the test accuracy after every retraining epoch (a diagnosis)
 
     def subset(self, names):
         return {name: getattr(self, name) for name in names}
@@ -57,7 +59,8 @@ STEP_OPTIONS = {
     "distances": ("xlsx",),
     "clusters": ("max_clusters", "optimal_ordering"),
     "assign": ("rule", "assign_factor"),
-    "retrain": ("mode", "epochs", "reps", "seed", "baseline_budget_factor", "select", "threshold", "freeze", "lr"),
+    "retrain": ("mode", "epochs", "reps", "seed", "baseline_budget_factor", "select", "threshold", "freeze", "lr",
+                "schedule", "monitor_test"),
 }
 
 
@@ -289,10 +292,11 @@ def error_images(case):
 
 def _heatmap_layers(case):
     """The kept layers of the heatmap step, in forward order, and the error images (heatmap rows)."""
-    import pandas as pd
+    from common.tables import read_table
 
-    layers = pd.read_csv(case.t / "Heatmaps" / "layers.csv")
-    index = pd.read_csv(case.t / "Heatmaps" / "index.csv", keep_default_na=False)
+    hint = "rerun the heatmaps step (python HUDD.py -o CASE -step heatmaps)"
+    layers = read_table(case.t / "Heatmaps" / "layers.csv", required=("layer", "kept"), missing_hint=hint)
+    index = read_table(case.t / "Heatmaps" / "index.csv", required=("image",), missing_hint=hint)
     kept = layers[layers["kept"].astype(str) == "True"]["layer"].tolist()
     return kept, index["image"].tolist()
 
@@ -379,11 +383,10 @@ def rq1(case):
 
 def selected_clusters(case):
     """The best layer and its clusters: (layer, images, cluster labels) from T/ClusterAnalysis."""
-    import pandas as pd
+    import clusterModule
 
-    summary = pd.read_csv(case.t / "ClusterAnalysis" / "summary.csv")
-    layer = summary[summary["selected"].astype(str) == "True"]["layer"].iloc[0]
-    clusters = pd.read_csv(case.t / "ClusterAnalysis" / layer / "clusters.csv", keep_default_na=False)
+    layer = clusterModule.best_layer_from_summary(case.t)
+    clusters = clusterModule.read_clusters(case.t, layer)
     return layer, clusters["image"].tolist(), clusters["cluster"].to_numpy()
 
 
@@ -410,13 +413,24 @@ def _step_assign(case):
                                                 progress=case.options.progress, start=start)
     unsafe = assignModule.select_unsafe_set(heatmaps, labels, batches, factor=case.options.assign_factor,
                                             source=case.t / "ClusterAnalysis" / layer / "clusters.csv")
+    from testModule import errors_of
+
+    sizes = {int(c): int(n) for c, n in zip(*np.unique(labels, return_counts=True))}
+    quality = assignModule.selection_quality(unsafe, errors_of(case.dir / "improveResult.csv"), sizes)
     # Keypoint ground truth of the unsafe set goes to DataSets/ImprovementSet/labels.csv, not a class column.
-    folder = assignModule.write_unsafe_set(case.t, unsafe, case.datasets, improvement.labelled or case.keypoints)
+    folder = assignModule.write_unsafe_set(case.t, unsafe, case.datasets, improvement.labelled or case.keypoints,
+                                           quality)
     report.write_report(case.dir)
     # Not labels.csv: the engineer fills it in (step 5), which must not make this step look stale.
     outputs = [p for p in sorted(folder.iterdir()) if p.name != assignModule.LABELS_FILE]
-    return outputs, {"layer": layer, "unsafe_images": int(len(unsafe)),
-                            "clusters_served": int(unsafe["cluster"].nunique()) if len(unsafe) else 0}
+    summary = {"layer": layer, "unsafe_images": int(len(unsafe)),
+               "clusters_served": int(unsafe["cluster"].nunique()) if len(unsafe) else 0}
+    total = quality[quality["cluster"].astype(str) == "all"]
+    if len(total) and total["labelled"].iloc[0] > 0:
+        total = total.iloc[0]
+        summary.update(unsafe_precision=float(total["precision"]), base_error_rate=float(total["base_error_rate"]),
+                       unsafe_errors=int(total["errors"]))
+    return outputs, summary
 
 
 def _step_retrain(case):
@@ -428,10 +442,11 @@ def _step_retrain(case):
                                   epochs=opts.epochs, select=opts.select, budget_factor=opts.baseline_budget_factor,
                                   device=opts.device, workers=opts.workers, trust=opts.trust_model,
                                   progress=opts.progress, threshold=opts.threshold, freeze=opts.freeze,
-                                  lr=opts.lr)
+                                  lr=opts.lr, schedule=opts.schedule, monitor_test=opts.monitor_test)
     models_written = [case.dir / "DNNModels" / name for name in frame["model"]]
     report.write_report(case.dir)
-    return [case.t / f"retrain_{opts.mode}.csv", *models_written], retrainModule.retrain_summary(frame)
+    history = [case.t / f"retrain_{opts.mode}_history.{ext}" for ext in ("csv", "png")]
+    return [case.t / f"retrain_{opts.mode}.csv", *history, *models_written], retrainModule.retrain_summary(frame)
 
 
 STEP_FUNCTIONS = {"test": _step_test, "heatmaps": _step_heatmaps, "distances": _step_distances,
@@ -440,24 +455,46 @@ STEP_FUNCTIONS = {"test": _step_test, "heatmaps": _step_heatmaps, "distances": _
 
 # --- the pipeline -----------------------------------------------------------------------------
 
+class stage:
+    """`with stage(case_dir, name) as where:` turns an unexpected exception into an InternalError.
+
+    Its traceback goes to CASE/T/error.log; a HUDDError (the user's input) passes unchanged. Set
+    `where.name` as the work moves on, so the message names the step that failed.
+    """
+
+    def __init__(self, case_dir, name):
+        self.case_dir, self.name = case_dir, name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        if exc is None or isinstance(exc, (HUDDError, InternalError)) or not isinstance(exc, Exception):
+            return False
+        raise log_internal_error(self.case_dir, self.name, exc) from exc
+
+
 def run(case_dir, model_name="OriginalModel.pth", options=None, step=None, until=None):
     """Run the whole pipeline (or one step, forced, after any missing earlier step); return summaries."""
     options = options or Options()
-    case = Case(case_dir, model_name, options)
-    case.lock()
-    try:
-        last = step or until or STEPS[-1]
-        summaries = {}
-        for name in STEPS[: STEPS.index(last) + 1]:
-            summaries[name] = run_step(case, name, force=(name == step))
-            if name == "clusters" and options.rq:
-                found = rq1(case)
-                if found:
-                    summaries[name] = {**summaries[name], "rq1_explained": found["explained_percent"],
-                                       "rq1_inspected": found["inspected_percent"], "rq1": found}
-        return summaries
-    finally:
-        case.unlock()
+    with stage(case_dir, "setup") as where:
+        case = Case(case_dir, model_name, options)
+        case.lock()
+        try:
+            last = step or until or STEPS[-1]
+            summaries = {}
+            for name in STEPS[: STEPS.index(last) + 1]:
+                where.name = name
+                summaries[name] = run_step(case, name, force=(name == step))
+                if name == "clusters" and options.rq:
+                    where.name = "rq1"
+                    found = rq1(case)
+                    if found:
+                        summaries[name] = {**summaries[name], "rq1_explained": found["explained_percent"],
+                                           "rq1_inspected": found["inspected_percent"], "rq1": found}
+            return summaries
+        finally:
+            case.unlock()
 
 
 def run_pipeline(case_dir, model_name, options, until="assign"):
@@ -483,7 +520,11 @@ def summary_text(case_dir, summaries):
                          f"{clusters['rq1_inspected']:.2f}% of error images inspected at 5 per cluster")
     assign = summaries.get("assign")
     if assign:
-        lines.append(f"  unsafe set           {assign['unsafe_images']} improvement images to label")
+        if assign.get("unsafe_precision") is not None:
+            lines.append(f"  unsafe set           {assign['unsafe_images']} images, {100 * assign['unsafe_precision']:.0f}% "
+                         f"of them errors (improvement set: {100 * assign['base_error_rate']:.0f}%)")
+        else:
+            lines.append(f"  unsafe set           {assign['unsafe_images']} improvement images to label")
     retrain = summaries.get("retrain")
     if retrain:
         lines.append(f"  after retraining     {100 * retrain['test_accuracy']:.2f}% "

@@ -14,8 +14,8 @@ import sys
 
 import Helper
 import retrainModule
-from common.errors import HUDDError
-from HUDD import nonnegative_int, positive_float, positive_int
+from common.errors import HUDDError, InternalError
+from HUDD import boolean, nonnegative_int, positive_float, positive_int
 
 DEFAULT_REPS = 10              # the original's repetitions per mode
 
@@ -59,6 +59,10 @@ def parser():
                    help="unsafe-set quota per cluster, times its size (original: 2)")
     p.add_argument("--lr", type=positive_float, default=defaults.lr,
                    help="retraining learning rate (default: the original's 1e-3, SGD; RMSprop for keypoints)")
+    p.add_argument("--schedule", choices=list(retrainModule.SCHEDULES), default=defaults.schedule,
+                   help="retraining learning-rate schedule (original: constant; cosine falls to 0 over the epochs)")
+    p.add_argument("--monitor-test", type=boolean, default=defaults.monitor_test, metavar="True|False",
+                   help="record the test accuracy after every retraining epoch (a diagnosis)")
     p.add_argument("--threshold", type=positive_float, default=defaults.threshold,
                    help="keypoint regressors: error threshold on the mean keypoint distance (px; default 4)")
     p.add_argument("--freeze", type=nonnegative_int, default=defaults.freeze,
@@ -73,26 +77,28 @@ def pipeline_options(args):
     return Helper.Options(device=args.device, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                           rule=args.rule, assign_factor=args.assign_factor, epochs=args.epochs, reps=args.reps,
                           baseline_budget_factor=args.baseline_budget_factor, select=args.select,
-                          threshold=args.threshold, freeze=args.freeze, lr=args.lr,
-                          trust_model=args.trust_model, progress=not args.no_progress)
+                          threshold=args.threshold, freeze=args.freeze, lr=args.lr, schedule=args.schedule,
+                          monitor_test=args.monitor_test, trust_model=args.trust_model, progress=not args.no_progress)
 
 
 def run(args):
     """Pipeline to the unsafe set, then the repetitions under the case folder's lock; returns the RQ2 table."""
     options = pipeline_options(args)
     Helper.run_pipeline(args.case, args.model, options, until="assign")
-    case = Helper.Case(args.case, args.model, options)
-    case.lock()
-    try:
-        table, _ = retrainModule.run_rq2(case.dir, case.model_path, args.modes, reps=args.reps, seed=args.seed,
-                                         epochs=args.epochs, select=args.select,
-                                         budget_factor=args.baseline_budget_factor, device=args.device,
-                                         batch_size=args.retrain_batch_size, workers=args.workers,
-                                         progress=options.progress, trust=args.trust_model,
-                                         threshold=args.threshold, freeze=args.freeze, lr=args.lr)
-        _refresh_report(case.dir)
-    finally:
-        case.unlock()
+    with Helper.stage(args.case, "rq2"):
+        case = Helper.Case(args.case, args.model, options)
+        case.lock()
+        try:
+            table, _ = retrainModule.run_rq2(case.dir, case.model_path, args.modes, reps=args.reps, seed=args.seed,
+                                             epochs=args.epochs, select=args.select,
+                                             budget_factor=args.baseline_budget_factor, device=args.device,
+                                             batch_size=args.retrain_batch_size, workers=args.workers,
+                                             progress=options.progress, trust=args.trust_model,
+                                             threshold=args.threshold, freeze=args.freeze, lr=args.lr,
+                                             schedule=args.schedule, monitor_test=args.monitor_test)
+            _refresh_report(case.dir)
+        finally:
+            case.unlock()
     return table
 
 
@@ -108,18 +114,26 @@ def main(argv=None):
     args = parser().parse_args(argv)
     try:
         table = run(args)
+        with Helper.stage(args.case, "rq2"):
+            _print_table(args, table)
     except HUDDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except InternalError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; finished repetitions are kept: rerun the same command to resume", file=sys.stderr)
         return 130
+    return 0
+
+
+def _print_table(args, table):
     import pandas as pd
 
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(table.round(4).to_string(index=False))
     print(f"\nRQ2 table: {args.case}/RQ2.csv (.xlsx), boxplot: {args.case}/RQ2_boxplot.png")
-    return 0
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import pandas as pd
 
 from common.errors import HUDDError
 from common.files import write_csv
+from common.tables import read_table, try_read_table
 
 UNSAFE_COLUMNS = ["image", "cluster", "distance", "rank"]
 LABEL_COLUMNS = ["image", "cluster", "label"]
@@ -24,6 +25,8 @@ GIF_SECONDS_PER_FRAME = 0.6    # the original's GIF speed
 GIF_MAX_FRAMES = 100           # the closest images only: a GIF of thousands of frames helps nobody
 ROUND_DIGITS = 9               # factor * |c| is rounded before ceil so that 0.3 * 10 is 3, not 4
 UNLABELLED_SHOWN = 5           # rows named in the "still unlabelled" message
+PRECISION_FILE = "precision.csv"  # T/UnsafeSet/precision.csv: how rich in errors the unsafe set is
+PRECISION_COLUMNS = ["cluster", "members", "selected", "labelled", "errors", "precision", "base_error_rate", "lift"]
 LABELS_FILE = "labels.csv"     # T/UnsafeSet/labels.csv: the engineer's labels of a flat improvement set (step 5)
 
 
@@ -199,6 +202,37 @@ def improvement_heatmaps(model, dataset, layer, batch_size, device, rule="hudd",
         yield keys, np.asarray(relevance, dtype=np.float32).reshape(len(keep), -1)
 
 
+# --- selection quality --------------------------------------------------------------------------
+
+def selection_quality(unsafe, wrong_of, cluster_sizes=None):
+    """How rich in errors the unsafe set is: per cluster and over all ("all"), the share of its images that
+    the DNN under analysis gets wrong (precision), against the improvement set's base error rate.
+
+    `wrong_of`: {improvement image: wrong} for the labelled improvement images (testModule.errors_of);
+    images without a label are left out of the shares (`labelled` counts those with one). A random draw
+    of any size (BL1 and BL2 label one) has the base rate as its expected precision; `lift` is
+    precision / base rate. Returns DataFrame[PRECISION_COLUMNS]; empty when nothing is labelled.
+    """
+    if not wrong_of:
+        return pd.DataFrame(columns=PRECISION_COLUMNS)
+    base = float(np.mean(list(wrong_of.values())))
+    sizes = dict(cluster_sizes or {})
+
+    def row(cluster, images):
+        known = [bool(wrong_of[i]) for i in images if i in wrong_of]
+        errors = int(sum(known))
+        precision = errors / len(known) if known else float("nan")
+        members = sizes.get(cluster, float("nan")) if cluster != "all" else int(sum(sizes.values())) if sizes \
+            else float("nan")
+        return {"cluster": cluster, "members": members, "selected": len(images), "labelled": len(known),
+                "errors": errors, "precision": precision, "base_error_rate": base,
+                "lift": precision / base if base > 0 else float("nan")}
+
+    rows = [row(int(c), list(group["image"])) for c, group in unsafe.groupby("cluster", sort=True)]
+    rows.append(row("all", list(unsafe["image"])))
+    return pd.DataFrame(rows, columns=PRECISION_COLUMNS)
+
+
 # --- the unsafe-set folder -------------------------------------------------------------------
 
 def _copy_name(rank, image):
@@ -220,17 +254,16 @@ def _write_gif(path, image_paths):
 
 
 def _old_labels(path):
-    if not path.is_file():
-        return {}
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if not {"image", "label"} <= set(frame.columns):
+    frame = try_read_table(path)
+    if frame is None or not {"image", "label"} <= set(frame.columns):
         return {}
     return {i: l for i, l in zip(frame["image"], frame["label"]) if l.strip()}
 
 
-def write_unsafe_set(t_dir, unsafe, datasets_dir, labelled):
+def write_unsafe_set(t_dir, unsafe, datasets_dir, labelled, quality=None):
     """Write T/UnsafeSet/: unsafe.csv, <cluster>/<rank>_<name> copies, <cluster>_<n>.gif, and labels.csv if unlabelled.
 
+    `quality` (selection_quality's frame), when the improvement set is labelled, goes to precision.csv.
     The folder is built beside the old one and swapped in, so an interrupted write leaves the old set.
     For a flat (unlabelled) improvement set, labels.csv has an empty label column for the engineer
     (HUDD step 5); labels already typed for images that are still selected are kept.
@@ -246,6 +279,8 @@ def write_unsafe_set(t_dir, unsafe, datasets_dir, labelled):
     build = Path(tempfile.mkdtemp(prefix=".UnsafeSet.", dir=t_dir))
     try:
         write_csv(build / "unsafe.csv", unsafe[UNSAFE_COLUMNS])
+        if quality is not None and len(quality):
+            write_csv(build / PRECISION_FILE, quality[PRECISION_COLUMNS])
         for cluster, group in unsafe.groupby("cluster", sort=True):
             folder = build / str(cluster)
             folder.mkdir()
@@ -279,10 +314,8 @@ def read_labels(t_dir, classes):
     Raises HUDDError naming the rows still unlabelled, or labels that are not class names.
     """
     path = Path(t_dir) / "UnsafeSet" / LABELS_FILE
-    if not path.is_file():
-        raise HUDDError(f"{path}: missing; run the assign step first (python HUDD.py -o CASE -step assign), "
-                        f"then write each image's class in its label column")
-    frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    frame = read_table(path, missing_hint="run the assign step first (python HUDD.py -o CASE -step assign), "
+                                          "then write each image's class in its label column")
     missing = set(LABEL_COLUMNS) - set(frame.columns)
     if missing:
         raise HUDDError(f"{path}: missing columns {sorted(missing)}; keep the columns image,cluster,label "

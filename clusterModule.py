@@ -19,6 +19,7 @@ import pandas as pd
 
 from common.errors import HUDDError
 from common.files import atomic_path, write_csv
+from common.tables import read_table
 
 MAX_CLUSTERS_CAP = 500              # the original's upper bound on k
 MIN_MAX_CLUSTERS = 2                # ... and its lower bound
@@ -809,10 +810,14 @@ def copy_best_layer(t_dir, best):
 
 
 def read_summary(t_dir):
-    path = Path(t_dir) / CLUSTER_ANALYSIS / "summary.csv"
-    if not path.is_file():
-        raise HUDDError(f"{path}: missing; run the clustering step first (-step clusters)")
-    return pd.read_csv(path)
+    return read_table(Path(t_dir) / CLUSTER_ANALYSIS / "summary.csv", required=("layer", "selected"),
+                      missing_hint="run the clustering step first (-step clusters)")
+
+
+def read_clusters(t_dir, layer):
+    """A layer's clusters.csv: image (text) and cluster (int), one row per error image."""
+    return read_table(Path(t_dir) / CLUSTER_ANALYSIS / layer / "clusters.csv", required=("image", "cluster"),
+                      missing_hint="run the clustering step first (-step clusters)")
 
 
 def best_layer_from_summary(t_dir):
@@ -939,10 +944,7 @@ def write_rq1(case_dir, images=None, labels=None, layer=None, per_cluster=IMAGES
             layer = best_layer_from_summary(t_dir)
     else:
         layer = layer or best_layer_from_summary(t_dir)
-        clusters_path = t_dir / CLUSTER_ANALYSIS / layer / "clusters.csv"
-        if not clusters_path.is_file():
-            raise HUDDError(f"{clusters_path}: missing; run the clustering step first (-step clusters)")
-        clusters = pd.read_csv(clusters_path, keep_default_na=False)
+        clusters = read_clusters(t_dir, layer)
     params = read_params(params_path) if params is None else params
     notes = []
     table = rq1(params, clusters, notes)
@@ -963,10 +965,8 @@ def write_rq1(case_dir, images=None, labels=None, layer=None, per_cluster=IMAGES
 
 def read_params(params_path):
     """DataSets/params.csv as a DataFrame, or a HUDDError saying what is wrong with the file."""
-    try:
-        params = pd.read_csv(params_path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise HUDDError(f"{params_path}: not a readable CSV ({exc}); fix or remove it") from None
+    params = read_table(params_path, missing_hint="write one row per image (column 'image', then one column "
+                                                  "per parameter) or remove it")
     if "image" not in params.columns:
         raise HUDDError(f"{params_path}: needs a column 'image' (path relative to DataSets/, e.g. "
                         f"TestSet/<class>/<file>)")

@@ -12,6 +12,7 @@ from torch import nn
 from common.data import ImageSet, ImageSpec, batches, list_case, resolve_device
 from common.errors import HUDDError
 from common.files import atomic_path, content_hash, json_digest, save_torch, tree_fingerprint, write_csv
+from common.tables import read_table, try_read_table
 
 
 def sgd(params, lr=1e-3, momentum=0.9, weight_decay=5e-4):
@@ -50,12 +51,14 @@ def rmsprop(params, lr=1e-3):
 
 
 def train_classifier(model, train_set, *, epochs, device, optimizer=sgd, batch_size=128, seed=0, workers=0,
-                     select="train-accuracy", val_set=None, desc="train", progress=True, scheduler=None):
+                     select="train-accuracy", val_set=None, desc="train", progress=True, scheduler=None,
+                     monitor=None):
     """Train `model` in place with cross-entropy and keep its best epoch.
 
     `select` is "train-accuracy" (the original: best epoch by training accuracy, no validation),
     "val-accuracy" (best by accuracy on `val_set`) or "last". Returns the history, one dict per epoch;
-    the model ends with the best epoch's weights.
+    the model ends with the best epoch's weights. `monitor()`, if given, is called after every epoch
+    and its dict is recorded in the history (e.g. the test accuracy, for a diagnosis; never selects).
     """
     loss_fn = nn.CrossEntropyLoss()
 
@@ -65,7 +68,7 @@ def train_classifier(model, train_set, *, epochs, device, optimizer=sgd, batch_s
     validate = (lambda: accuracy(model, val_set, device, workers=workers)) if val_set is not None else None
     return _fit(model, train_set, step, validate, epochs=epochs, device=device, optimizer=optimizer,
                 batch_size=batch_size, seed=seed, workers=workers, select=select, desc=desc, progress=progress,
-                scheduler=scheduler)
+                scheduler=scheduler, monitor=monitor)
 
 
 GAUSSIAN_SIGMA = 5.0           # px: the original's keypoint target maps
@@ -97,7 +100,7 @@ def freeze_convolutions(model, count=FROZEN_CONVS):
 
 def train_keypoints(model, train_set, *, epochs, device, optimizer=rmsprop, batch_size=128, seed=0, workers=0,
                     select="train-loss", val_set=None, desc="train", progress=True, scheduler=None,
-                    sigma=GAUSSIAN_SIGMA, scale=GAUSSIAN_SCALE, threshold=None, freeze=0):
+                    sigma=GAUSSIAN_SIGMA, scale=GAUSSIAN_SCALE, threshold=None, freeze=0, monitor=None):
     """Train a keypoint regressor in place: MSE between its output maps and Gaussian target maps.
 
     train_set yields (image, (K, 2) keypoints with NaN for missing). `select`: "train-loss" (the
@@ -124,11 +127,11 @@ def train_keypoints(model, train_set, *, epochs, device, optimizer=rmsprop, batc
 
     return _fit(model, train_set, step, validate if val_set is not None else None, epochs=epochs, device=device,
                 optimizer=optimizer, batch_size=batch_size, seed=seed, workers=workers, select=select, desc=desc,
-                progress=progress, scheduler=scheduler)
+                progress=progress, scheduler=scheduler, monitor=monitor)
 
 
 def _fit(model, train_set, step, validate, *, epochs, device, optimizer, batch_size, seed, workers, select, desc,
-         progress, scheduler):
+         progress, scheduler, monitor=None):
     """The one training loop: `step(outputs, targets)` -> (loss, images right); keeps the best epoch by `select`."""
     from tqdm import tqdm
 
@@ -162,6 +165,8 @@ def _fit(model, train_set, step, validate, *, epochs, device, optimizer, batch_s
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
         if validate is not None:
             record["val_accuracy"] = validate()
+        if monitor is not None:
+            record.update(monitor())
         history.append(record)
         score = {"train-accuracy": record["train_accuracy"], "train-loss": -record["train_loss"], "last": epoch,
                  "val-accuracy": record.get("val_accuracy", 0.0)}[select]
@@ -179,14 +184,15 @@ def _fit(model, train_set, step, validate, *, epochs, device, optimizer, batch_s
 DEFAULT_EPOCHS = 10            # the original's GD and OC case studies (TS 12, OD and HPD 13)
 MODES = ("HUDD", "BL1", "BL2")
 SELECTIONS = ("train-accuracy", "val-accuracy", "last", "train-loss")
+SCHEDULES = ("constant", "cosine")   # constant = the original's fixed learning rate
 DEFAULT_HOLDOUT = 0.1          # share of the training set held out when select="val-accuracy"
 DEFAULT_BUDGET_FACTOR = 1.0    # baselines label as many images as HUDD (the paper); 0.3 = the original code
 RETRAIN_BATCH_SIZE = 128       # the original's
 ROUND_DIGITS = 9               # factor * n is rounded before ceil so that 0.3 * 10 is 3, not 4
 PAD_STREAM = 1                 # padding draws from its own random stream, not the sample's
-RETRAIN_COLUMNS = ["mode", "rep", "seed", "n_labelled", "n_train_added", "n_distinct_added", "epochs",
-                   "best_epoch", "test_accuracy", "original_accuracy", "gain", "improved", "worsened",
-                   "improved_per_cluster", "model", "inputs"]
+RETRAIN_COLUMNS = ["mode", "rep", "seed", "n_labelled", "labelled_errors", "precision", "base_error_rate",
+                   "n_train_added", "n_distinct_added", "epochs", "best_epoch", "test_accuracy", "original_accuracy",
+                   "gain", "improved", "worsened", "improved_per_cluster", "model", "inputs"]
 KEYPOINT_COLUMNS = ["mean_error", "original_mean_error", "share_under_threshold", "threshold"]   # px, px, fraction, px
 
 
@@ -250,6 +256,12 @@ def draw_bl1(images, wrong, budget, seed):
     return [image for image in draw_bl2(images, budget, seed) if wrong_of[image]]
 
 
+def labelled_images(mode, unsafe, improvement, budget, seed):
+    """The improvement images the engineer labels in `mode`: HUDD's unsafe set, or the baselines' random draw
+    (BL1 labels the whole draw and keeps only its errors), so that their error shares compare at one budget."""
+    return list(unsafe["image"]) if mode == "HUDD" else draw_bl2(list(improvement), budget, seed)
+
+
 def pad_by_bootstrap(images, size, seed):
     """Duplicate uniformly drawn images (seeded) until the list has `size` entries, as the original padded BL1/BL2."""
     if not images or len(images) >= size:
@@ -261,6 +273,8 @@ def pad_by_bootstrap(images, size, seed):
 def retraining_images(mode, unsafe, cluster_sizes, improvement, wrong, seed, budget_factor=DEFAULT_BUDGET_FACTOR,
                       pad_baselines=True):
     """The improvement images a repetition adds to the training set (with duplicates), and how many were labelled.
+
+    See labelled_images for which images those are.
 
     HUDD: the balanced unsafe set; the engineer labelled the whole unsafe set. BL1/BL2: a fresh draw
     of baseline_budget(len(unsafe)) images for this seed; with `pad_baselines` (the original) a draw
@@ -283,29 +297,20 @@ def retraining_images(mode, unsafe, cluster_sizes, improvement, wrong, seed, bud
 
 def read_cluster_members(case_dir):
     """The selected layer's clusters: DataFrame[image, cluster] of the test error images, from T/ClusterAnalysis/."""
-    root = Path(case_dir) / "T" / "ClusterAnalysis"
-    summary = root / "summary.csv"
-    if not summary.is_file():
-        raise HUDDError(f"{summary}: missing; run the clusters step first (python HUDD.py -o CASE -step clusters)")
-    frame = pd.read_csv(summary)
+    import clusterModule
+
+    t_dir = Path(case_dir) / "T"
+    frame = clusterModule.read_summary(t_dir)
     selected = frame[frame["selected"].astype(str).str.lower() == "true"]["layer"].tolist()
     if len(selected) != 1:
-        raise HUDDError(f"{summary}: {len(selected)} layers marked selected; rerun the clusters step")
-    path = root / selected[0] / "clusters.csv"
-    if not path.is_file():
-        raise HUDDError(f"{path}: missing; rerun the clusters step (python HUDD.py -o CASE -step clusters)")
-    return pd.read_csv(path, dtype={"image": str}, keep_default_na=False)
+        raise HUDDError(f"{t_dir / 'ClusterAnalysis' / 'summary.csv'}: {len(selected)} layers marked selected; "
+                        f"rerun the clusters step")
+    return clusterModule.read_clusters(t_dir, selected[0])
 
 
 def read_unsafe(case_dir):
-    path = Path(case_dir) / "T" / "UnsafeSet" / "unsafe.csv"
-    if not path.is_file():
-        raise HUDDError(f"{path}: missing; run the assign step first (python HUDD.py -o CASE -step assign)")
-    unsafe = pd.read_csv(path, dtype={"image": str}, keep_default_na=False)
-    missing = {"image", "cluster", "distance", "rank"} - set(unsafe.columns)
-    if missing:
-        raise HUDDError(f"{path}: missing columns {sorted(missing)}; rerun the assign step")
-    return unsafe
+    return read_table(Path(case_dir) / "T" / "UnsafeSet" / "unsafe.csv", required=("image", "cluster", "distance", "rank"),
+                      missing_hint="run the assign step first (python HUDD.py -o CASE -step assign)")
 
 
 def _unsafe_labels(case_dir, unsafe, splits, classes, keypoints=False):
@@ -373,12 +378,18 @@ def _per_cluster(improved_images, members):
 def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT_EPOCHS, select="train-accuracy",
             holdout=DEFAULT_HOLDOUT, budget_factor=DEFAULT_BUDGET_FACTOR, pad_baselines=True, device="auto",
             batch_size=RETRAIN_BATCH_SIZE, workers=0, progress=True, trust=False, threshold=None, freeze=FROZEN_CONVS,
-            lr=None, resume=False):
+            lr=None, schedule="constant", monitor_test=False, resume=False):
     """HUDD step 7 (or a baseline), `reps` times: retrain the analysed model on the training set + the mode's images.
 
     Each repetition starts from the model file's weights, trains with SGD (lr 1e-3, momentum 0.9,
     weight decay 5e-4) for `epochs` epochs and keeps the best epoch by `select` ("train-accuracy":
     the original; "val-accuracy": accuracy on a held-out `holdout` share of the training set; "last").
+    `schedule`: "constant" (the original) or "cosine" (the learning rate falls from `lr` to 0 over the
+    epochs, so the last epochs settle instead of drifting). Every epoch's training (and held-out)
+    accuracy goes to T/retrain_<mode>_history.csv; `monitor_test` adds the test accuracy per epoch there
+    (a diagnosis: it costs a test pass per epoch and never chooses the kept epoch).
+    Rows also hold the labelling precision: the share of the images labelled for this mode
+    (labelled_images) that the original DNN gets wrong, from improveResult.csv (NaN when unlabelled).
     Saves DNNModels/<mode>_<rep>_<test accuracy %>.pth and T/retrain_<mode>.csv (RETRAIN_COLUMNS, one
     row per repetition, written after each one; test_accuracy a fraction, gain in percentage points;
     improved/worsened = test images whose result changed against testResult.csv). Returns that table.
@@ -402,6 +413,8 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
         raise HUDDError(f"mode {mode!r}: use one of {', '.join(MODES)}")
     if select not in SELECTIONS:
         raise HUDDError(f"select {select!r}: use one of {', '.join(SELECTIONS)}")
+    if schedule not in SCHEDULES:
+        raise HUDDError(f"--schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
     if reps < 1 or epochs < 1:
         raise HUDDError(f"reps={reps}, epochs={epochs}: both must be at least 1")
     case_dir = Path(case_dir)
@@ -424,6 +437,8 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
     members = read_cluster_members(case_dir)
     cluster_sizes = members["cluster"].value_counts().to_dict()
     tested = testModule.read_results(case_dir / "testResult.csv")
+    wrong_of = testModule.errors_of(case_dir / "improveResult.csv")
+    base_error_rate = float(np.mean(list(wrong_of.values()))) if wrong_of else float("nan")
     if mode == "HUDD":
         label_of = _unsafe_labels(case_dir, unsafe, splits, classes, keypoints)
         pool, wrong = [], []
@@ -447,19 +462,26 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
     columns = RETRAIN_COLUMNS + (KEYPOINT_COLUMNS if keypoints else [])
     inputs = _inputs_digest(case_dir, model_path, mode, epochs=epochs, select=select, holdout=holdout,
                             budget_factor=budget_factor, pad_baselines=pad_baselines, batch_size=batch_size,
-                            threshold=threshold, freeze=freeze if keypoints else None, lr=lr)
+                            threshold=threshold, freeze=freeze if keypoints else None, lr=lr, schedule=schedule)
     earlier = _finished_reps(out_csv, inputs, case_dir) if resume else {}
-    rows = []
+    history_csv = case_dir / "T" / f"retrain_{mode}_history.csv"
+    old_history = try_read_table(history_csv) if resume else None
+    rows, histories = [], []
     for rep in range(1, reps + 1):
         seed_r = rep_seed(seed, rep)
         if earlier.get((rep, seed_r)) is not None:
             rows.append(earlier[(rep, seed_r)])
+            if old_history is not None and {"rep", "inputs"} <= set(old_history.columns):
+                histories += old_history[(old_history["rep"] == rep) & (old_history["inputs"] == inputs)].to_dict("records")
             print(f"[retrain] {mode} repetition {rep}/{reps} finished in an earlier run "
                   f"({rows[-1]['model']}); kept")
             write_csv(out_csv, pd.DataFrame(rows, columns=columns))
             continue
         added, n_labelled = retraining_images(mode, unsafe, cluster_sizes, pool, wrong, seed_r, budget_factor,
                                               pad_baselines)
+        labelled = labelled_images(mode, unsafe, pool, baseline_budget(len(unsafe), budget_factor), seed_r)
+        known = [wrong_of[i] for i in labelled if i in wrong_of]
+        labelled_errors = int(sum(known)) if known else None
         images = list(train.images)
         targets = [encode(label) for label in train.labels]
         val_set = None
@@ -472,19 +494,29 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
         model, _ = models.load_model(model_path, device, trust=trust)
         train_set = ImageSet(datasets, images, spec, targets)
         common = dict(epochs=epochs, device=device, batch_size=batch_size, seed=seed_r, workers=workers,
-                      val_set=val_set, desc=f"{mode} rep {rep}/{reps}", progress=progress)
+                      val_set=val_set, desc=f"{mode} rep {rep}/{reps}", progress=progress,
+                      scheduler=_scheduler(schedule, epochs))
         if keypoints:
             select_used = "train-loss" if select == "train-accuracy" else select
+            monitor = None
+            if monitor_test:
+                def monitor():
+                    coords, _, _ = testModule.predict_keypoints(model, test_set, device, batch_size, workers,
+                                                                progress=False)
+                    errors = testModule.mean_errors(testModule.keypoint_errors(coords, np.stack(test_targets)))
+                    return {"test_accuracy": float(np.mean(errors <= threshold))}
             history = train_keypoints(model, train_set, optimizer=_with_lr(rmsprop, lr), select=select_used,
-                                      threshold=threshold,
-                                      freeze=freeze, **common)
+                                      threshold=threshold, freeze=freeze, monitor=monitor, **common)
             coords, _, skipped = testModule.predict_keypoints(model, test_set, device, batch_size, workers,
                                                               progress=False)
             errors = testModule.mean_errors(testModule.keypoint_errors(coords, np.stack(test_targets)))
             now_correct = np.array([i not in skipped for i in range(len(test_images))]) & (errors <= threshold)
         else:
             select_used = select
-            history = train_classifier(model, train_set, optimizer=_with_lr(sgd, lr), select=select, **common)
+            monitor = (lambda: {"test_accuracy": accuracy(model, test_set, device, batch_size, workers)}) \
+                if monitor_test else None
+            history = train_classifier(model, train_set, optimizer=_with_lr(sgd, lr), select=select, monitor=monitor,
+                                       **common)
             logits, skipped = testModule.predict(model, test_set, device, batch_size, workers)
             now_correct = np.array([i not in skipped and int(np.argmax(row)) == t
                                     for i, (row, t) in enumerate(zip(logits, test_targets))])
@@ -496,7 +528,9 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
             info.update(frozen_convolutions=int(freeze), threshold=threshold)
         saved = _save_retrained(case_dir, model, meta, model_path, mode, rep, test_accuracy, info)
         row = {"mode": mode, "rep": rep, "seed": seed_r, "n_labelled": n_labelled,
-               "n_train_added": len(added), "n_distinct_added": len(set(added)), "epochs": epochs,
+               "labelled_errors": labelled_errors,
+               "precision": labelled_errors / len(known) if known else float("nan"),
+               "base_error_rate": base_error_rate, "n_train_added": len(added), "n_distinct_added": len(set(added)), "epochs": epochs,
                "best_epoch": best, "test_accuracy": test_accuracy, "original_accuracy": original_accuracy,
                "gain": 100 * (test_accuracy - original_accuracy), "improved": len(improved),
                "worsened": int((was_correct & ~now_correct).sum()),
@@ -506,8 +540,51 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
                         "original_mean_error": float(tested["avg_error"].astype(float).mean()),
                         "share_under_threshold": test_accuracy, "threshold": threshold})
         rows.append(row)
+        histories += [{"mode": mode, "rep": rep, **h, "kept": h["epoch"] == best, "inputs": inputs} for h in history]
+        write_csv(history_csv, pd.DataFrame(histories))
+        write_history_plot(pd.DataFrame(histories), history_csv.with_suffix(".png"), original_accuracy)
         write_csv(out_csv, pd.DataFrame(rows, columns=columns))
     return pd.DataFrame(rows, columns=columns)
+
+
+HISTORY_CURVES = (("train_accuracy", "training", "-"), ("val_accuracy", "held-out", "--"), ("test_accuracy", "test", ":"))
+
+
+def write_history_plot(history, path, original_accuracy=None):
+    """One PNG of the accuracies per retraining epoch (every repetition; the kept epoch marked)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if history is None or not len(history):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for rep, part in history.groupby("rep"):
+        for column, name, style in HISTORY_CURVES:
+            if column in part.columns and part[column].notna().any():
+                line, = ax.plot(part["epoch"], 100 * part[column], style, label=f"{name}, rep {rep}")
+                kept = part[part["kept"].astype(str) == "True"]
+                ax.plot(kept["epoch"], 100 * kept[column], "o", color=line.get_color())
+    if original_accuracy is not None:
+        ax.axhline(100 * original_accuracy, color="grey", lw=0.8, label="test, before retraining")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{history['mode'].iloc[0]}: accuracy per epoch (dot: kept epoch)")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _scheduler(schedule, epochs):
+    """The learning-rate schedule of a retraining: None (constant, the original's) or cosine annealing to 0."""
+    if schedule == "cosine":
+        return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    return None
+
 
 
 def _inputs_digest(case_dir, model_path, mode, **options):
@@ -525,9 +602,8 @@ def _finished_reps(out_csv, inputs, case_dir):
     """{(rep, seed): row} of an earlier run with the same inputs whose model file still exists."""
     if not out_csv.is_file():
         return {}
-    try:
-        frame = pd.read_csv(out_csv, keep_default_na=False, dtype={"inputs": str, "model": str})
-    except (OSError, ValueError, pd.errors.ParserError):
+    frame = try_read_table(out_csv)
+    if frame is None:
         return {}
     if "inputs" not in frame.columns:
         return {}
@@ -563,7 +639,8 @@ def retrain_summary(frame):
     """What the run summary prints: the mode, mean test accuracy (fraction) and mean gain (points)."""
     summary = {"mode": str(frame["mode"].iloc[0]), "reps": int(len(frame)),
                "test_accuracy": float(frame["test_accuracy"].mean()), "gain": float(frame["gain"].mean()),
-               "improved": float(frame["improved"].mean()), "worsened": float(frame["worsened"].mean())}
+               "improved": float(frame["improved"].mean()), "worsened": float(frame["worsened"].mean()),
+               "precision": float(frame["precision"].mean()) if "precision" in frame.columns else float("nan")}
     if "mean_error" in frame.columns:
         summary.update(mean_error=float(frame["mean_error"].mean()),
                        original_mean_error=float(frame["original_mean_error"].mean()))
@@ -612,6 +689,9 @@ def rq2_table(results, reference="HUDD"):
             error = part["mean_error"]     # keypoints: mean keypoint error (px); accuracy = share under threshold
             row.update({"mean_error_mean": error.mean(), "mean_error_std": error.std(ddof=1) if len(error) > 1 else
                         float("nan"), "mean_error_min": error.min(), "mean_error_max": error.max()})
+        if "precision" in part.columns and part["precision"].notna().any():
+            # labelling precision: share of the images labelled for this mode that the original DNN got wrong
+            row.update({"precision_mean": part["precision"].mean(), "base_error_rate": part["base_error_rate"].mean()})
         other = part["test_accuracy"].to_numpy()
         row[f"p_value_{reference}_vs"] = float("nan") if mode == reference else mann_whitney_p(ref, other)
         row[f"a12_{reference}_vs"] = float("nan") if mode == reference else a12(ref, other)

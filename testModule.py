@@ -9,6 +9,7 @@ import torch
 from common.data import ImageSet, ImageSpec, batches
 from common.errors import HUDDError
 from common.files import write_csv
+from common.tables import read_table
 
 RESULT_FILES = {"TrainingSet": "trainResult.csv", "TestSet": "testResult.csv", "ImprovementSet": "improveResult.csv"}
 SKIPPED_COLUMNS = ["image", "reason"]
@@ -140,27 +141,22 @@ def write_results(case_dir, splits, model, meta, classes, device, batch_size=64,
 def read_results(path):
     """Read a result CSV written by write_results, checking its columns."""
     path = Path(path)
-    if not path.is_file():
-        raise HUDDError(f"{path}: missing; run the test step first (python HUDD.py -o CASE -step test)")
-    frame = pd.read_csv(path, keep_default_na=False)
+    frame = read_table(path, missing_hint="run the test step first (python HUDD.py -o CASE -step test)")
     missing = {"image", "result", "expected", "predicted"} - set(frame.columns)
     if missing and {"image", "result", "avg_error", "worst_KP"} <= set(frame.columns):
-        return _numeric_columns(frame)
+        return frame
     if missing:
         raise HUDDError(f"{path}: not a result file (missing columns {sorted(missing)}); rerun the test step")
     return frame
 
 
-def _numeric_columns(frame):
-    """A keypoint result file read as text: its error and coordinate columns back to floats (empty = NaN)."""
-    for column in frame.columns[2:]:
-        if column in ("worst_component", "worst_KP"):
-            continue
-        try:
-            frame[column] = pd.to_numeric(frame[column].replace("", np.nan))
-        except (ValueError, TypeError):
-            pass
-    return frame
+def errors_of(path):
+    """{image: True when the DNN gets it wrong} for the labelled rows of a result CSV; {} without the file."""
+    if not Path(path).is_file():
+        return {}
+    frame = read_results(path)
+    frame = frame[frame["result"].isin(["Correct", "Wrong"])]
+    return dict(zip(frame["image"], (frame["result"] == "Wrong").tolist()))
 
 
 def accuracy_of(frame):
@@ -212,12 +208,16 @@ def read_keypoint_labels(path, names, split_name):
     values are <= 1e-5 (the original's zeros). `image` is the path relative to DataSets/ or to the split.
     """
     path = Path(path)
-    frame = pd.read_csv(path, dtype={"image": str}, keep_default_na=True)
+    frame = read_table(path)
     missing = {"image", *label_columns(names)} - set(frame.columns)
     if missing:
         raise HUDDError(f"{path}: missing columns {sorted(missing)[:4]}; a keypoint labels.csv has image, then "
                         f"<keypoint>_x,<keypoint>_y for each of the model's {len(names)} keypoints")
-    values = frame[label_columns(names)].to_numpy(dtype=np.float64).reshape(len(frame), len(names), 2)
+    try:
+        values = frame[label_columns(names)].to_numpy(dtype=np.float64).reshape(len(frame), len(names), 2)
+    except ValueError:
+        raise HUDDError(f"{path}: keypoint columns hold values that are not numbers; write pixel coordinates "
+                        f"(empty for a missing keypoint)") from None
     values[np.isnan(values).any(axis=2) | (values <= MISSING_BELOW).all(axis=2)] = np.nan
     prefix = f"{split_name}/"
     images = [i if i.startswith(prefix) else prefix + i for i in frame["image"]]

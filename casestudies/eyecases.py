@@ -13,8 +13,8 @@ IMAGE_SIZE = 48
 SPLIT_IDS = {"TrainingSet": 1, "TestSet": 2, "ImprovementSet": 3}
 TASK_IDS = {"gaze": 1, "openclosed": 2}
 SCALES = {
-    "small": {"TrainingSet": 320, "TestSet": 120, "ImprovementSet": 120},
-    "default": {"TrainingSet": 14000, "TestSet": 3000, "ImprovementSet": 4000},
+    "small": {"TrainingSet": 320, "TestSet": 120, "ImprovementSet": 240},
+    "default": {"TrainingSet": 14000, "TestSet": 3000, "ImprovementSet": 12000},   # Step 3: 4 x the test set
 }
 CHUNK = 250
 PNG_LEVEL = 1               # fast zlib level; the pixels are what matter
@@ -34,7 +34,7 @@ def write_datasets(root, task, seed, scale, progress=True):
     tables, sums = [], None
     for split, n in SCALES[scale].items():
         rng = np.random.default_rng([seed, TASK_IDS[task], SPLIT_IDS[split]])
-        params = eyes.sample_parameters(rng, n, task)
+        params = eyes.sample_parameters(rng, n, task, split)
         labels = labels_for(task, params)
         images = [f"{split}/{label}/{i:06d}.png" for i, label in enumerate(labels)]
         for label in (eyes.GAZE_SECTORS if task == "gaze" else eyes.EYE_STATES):

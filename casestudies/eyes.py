@@ -27,14 +27,24 @@ CLOSED_BELOW = 0.3          # eyelid opening under which an eye is labelled Clos
 # Parameter distributions (angles in degrees, sizes in units of the eye's half width) ----------------
 MAX_GAZE_DEG = 40.0         # gaze angles are uniform over a disc of this radius: near-centre gazes are rare
 HEAD_YAW_SD, HEAD_PITCH_SD, HEAD_ROLL_SD = 5.0, 4.0, 3.0
-RARE_HEAD_POSE = 0.07       # share of images with an extreme head pose
 EXTREME_YAW_DEG, EXTREME_PITCH_DEG = (25.0, 45.0), (18.0, 32.0)
-RARE_LOW_LIGHT = 0.06       # share of images in very low light
 LOW_LIGHT, NORMAL_LIGHT = (0.1, 0.3), (0.6, 1.3)
-RARE_HALF_CLOSED = 0.07     # gaze: share of images with half-closed eyes
 HALF_CLOSED = (0.15, 0.42)
-RARE_HEAVY_BLUR, RARE_HEAVY_NOISE = 0.05, 0.05
-GLASSES_SHARE = 0.12
+
+# Named conditions and their share per split, built as the paper's case studies were: the test set is
+# the operational distribution; the training set under-represents every condition (4 times rarer), as
+# a data set collected in ordinary conditions does; the improvement set is what an engineer asks the
+# simulator for in HUDD's Step 3 (every condition 3 times as often as in the test set).
+CONDITIONS = ("extreme_head_pose", "low_light", "half_closed_eyes", "heavy_blur", "heavy_noise", "glasses")
+CONDITION_SHARES = {          # TrainingSet, TestSet, ImprovementSet
+    "extreme_head_pose": (0.0175, 0.07, 0.21),     # |yaw| 25-45 deg or |pitch| 18-32 deg
+    "low_light": (0.015, 0.06, 0.18),              # light intensity 0.1-0.3 (else 0.6-1.3), ambient 0.02-0.08
+    "half_closed_eyes": (0.0175, 0.07, 0.21),      # gaze: eyelid opening 0.15-0.42 (else 0.45-1)
+    "heavy_blur": (0.0125, 0.05, 0.15),            # blur sigma 1-1.8 px (else 0-0.6)
+    "heavy_noise": (0.0125, 0.05, 0.15),           # sensor noise 10-22 levels (else 1-5)
+    "glasses": (0.03, 0.12, 0.30),                 # glasses with reflections
+}
+SPLIT_COLUMN = {"TrainingSet": 0, "TestSet": 1, "ImprovementSet": 2}
 OC_CLOSED, OC_BORDERLINE = 0.3, 0.35  # openclosed: share of closed eyes and of the ambiguous band
 OC_BAND = (0.18, 0.42)      # openclosed: the ambiguous band of eyelid openings around CLOSED_BELOW
 OC_EYE_SCALE = (0.5, 0.95)  # openclosed: the eye is seen from further away, so the lid gap is a few pixels
@@ -93,10 +103,34 @@ def eye_state_labels(eyelid_opening):
     return np.where(np.asarray(eyelid_opening, float) < CLOSED_BELOW, EYE_STATES[0], EYE_STATES[1])
 
 
-def sample_parameters(rng, n, task="gaze"):
-    """Draw `n` scenes: a DataFrame with one column per entry of PARAMETERS (booleans as 0/1)."""
+def condition_shares(split="TestSet"):
+    """{condition: share of images} of a split (CONDITION_SHARES; the test set's for an unknown split name)."""
+    column = SPLIT_COLUMN.get(split, SPLIT_COLUMN["TestSet"])
+    return {name: shares[column] for name, shares in CONDITION_SHARES.items()}
+
+
+def condition_masks(params, task="gaze"):
+    """{condition: boolean array} of which scenes of a parameter table are in each named condition."""
+    p = params
+    masks = {"extreme_head_pose": (np.abs(p["head_yaw"]) >= EXTREME_YAW_DEG[0])
+                                  | (np.abs(p["head_pitch"]) >= EXTREME_PITCH_DEG[0]),
+             "low_light": p["light_intensity"] <= LOW_LIGHT[1],
+             "half_closed_eyes": (p["eyelid_opening"] >= HALF_CLOSED[0]) & (p["eyelid_opening"] <= HALF_CLOSED[1]),
+             "heavy_blur": p["blur"] >= 1.0, "heavy_noise": p["noise"] >= 10.0, "glasses": p["glasses"] == 1}
+    if task != "gaze":
+        del masks["half_closed_eyes"]       # openclosed: half-open lids are its label's borderline band
+    return {name: np.asarray(mask, bool) for name, mask in masks.items()}
+
+
+def sample_parameters(rng, n, task="gaze", split="TestSet"):
+    """Draw `n` scenes of a split: a DataFrame with one column per entry of PARAMETERS (booleans as 0/1).
+
+    The split sets how often each named condition occurs (condition_shares); everything else is
+    drawn alike in every split.
+    """
     u = lambda lo, hi: rng.uniform(lo, hi, n)
     rare = lambda share: rng.random(n) < share
+    share = condition_shares(split)
     sign = lambda: rng.choice([-1.0, 1.0], n)
     p = {}
     radius, direction = MAX_GAZE_DEG * np.sqrt(rng.random(n)), u(0.0, 360.0)
@@ -104,13 +138,13 @@ def sample_parameters(rng, n, task="gaze"):
     p["gaze_v"] = radius * np.sin(np.radians(direction))
     if task == "gaze":
         opening = np.clip(rng.normal(0.8, 0.1, n), 0.45, 1.0)
-        p["eyelid_opening"] = np.where(rare(RARE_HALF_CLOSED), u(*HALF_CLOSED), opening)
+        p["eyelid_opening"] = np.where(rare(share["half_closed_eyes"]), u(*HALF_CLOSED), opening)
     else:
         kind = rng.random(n)
         opened = np.clip(rng.normal(0.78, 0.12, n), 0.42, 1.0)
         p["eyelid_opening"] = np.where(kind < OC_CLOSED, u(0.0, 0.18),
                                        np.where(kind < OC_CLOSED + OC_BORDERLINE, u(*OC_BAND), opened))
-    extreme = rare(RARE_HEAD_POSE)
+    extreme = rare(share["extreme_head_pose"])
     which = rng.random(n) < 0.6                  # extreme poses are mostly turned, some tilted up/down
     p["head_yaw"] = np.where(extreme & which, sign() * u(*EXTREME_YAW_DEG), rng.normal(0, HEAD_YAW_SD, n))
     p["head_pitch"] = np.where(extreme & ~which, sign() * u(*EXTREME_PITCH_DEG), rng.normal(0, HEAD_PITCH_SD, n))
@@ -119,7 +153,7 @@ def sample_parameters(rng, n, task="gaze"):
     p["eye_shift_x"], p["eye_shift_y"] = u(-0.05, 0.05), u(-0.04, 0.04)
     p["lid_skew"] = u(-0.2, 0.2)
     p["iris_size"] = u(0.34, 0.46)
-    low_light = rare(RARE_LOW_LIGHT)
+    low_light = rare(share["low_light"])
     p["light_intensity"] = np.where(low_light, u(*LOW_LIGHT), u(*NORMAL_LIGHT))
     p["pupil_size"] = np.clip(u(0.25, 0.5) + 0.15 * (1.0 - p["light_intensity"]), 0.2, 0.7)  # dilates in the dark
     p["iris_colour"] = rng.integers(0, len(IRIS_COLOURS), n).astype(float)
@@ -130,9 +164,9 @@ def sample_parameters(rng, n, task="gaze"):
     p["lash_thickness"] = u(0.6, 1.6)
     p["light_azimuth"], p["light_elevation"] = u(0.0, 360.0), u(25.0, 75.0)
     p["ambient"] = np.where(low_light, u(0.02, 0.08), u(0.15, 0.4))
-    p["blur"] = np.where(rare(RARE_HEAVY_BLUR), u(1.0, 1.8), u(0.0, 0.6))
-    p["noise"] = np.where(rare(RARE_HEAVY_NOISE), u(10.0, 22.0), u(1.0, 5.0))
-    glasses = rare(GLASSES_SHARE)
+    p["blur"] = np.where(rare(share["heavy_blur"]), u(1.0, 1.8), u(0.0, 0.6))
+    p["noise"] = np.where(rare(share["heavy_noise"]), u(10.0, 22.0), u(1.0, 5.0))
+    glasses = rare(share["glasses"])
     p["glasses"] = glasses.astype(float)
     p["glasses_reflection"] = np.where(glasses, u(0.0, 0.8), 0.0)
     p["reflection_angle"] = np.where(glasses, u(20.0, 70.0), 0.0)

@@ -47,8 +47,8 @@ COMPONENTS = {"corners": _PARTS["corner"], "upper_lid": _PARTS["upper_lid"], "lo
 SPLIT_IDS = {"TrainingSet": 1, "TestSet": 2, "ImprovementSet": 3}
 TASK_ID = 3                    # separates this case study's random streams from gaze (1) and openclosed (2)
 SCALES = {                     # images per split, training epochs, learning rate, batch size
-    "small": ({"TrainingSet": 240, "TestSet": 100, "ImprovementSet": 100}, 4, 2e-3, 16),
-    "default": ({"TrainingSet": 4000, "TestSet": 1500, "ImprovementSet": 2000}, 10, 2e-3, 32),
+    "small": ({"TrainingSet": 240, "TestSet": 100, "ImprovementSet": 200}, 4, 2e-3, 16),
+    "default": ({"TrainingSet": 4000, "TestSet": 1500, "ImprovementSet": 6000}, 10, 2e-3, 32),
 }
 CHUNK = 250
 PNG_LEVEL = 1
@@ -89,7 +89,7 @@ def write_datasets(root, seed, scale, progress=True):
     tables, stats = [], None
     for split, n in sizes.items():
         key = (seed, TASK_ID, SPLIT_IDS[split])
-        params = eyes.sample_parameters(np.random.default_rng(key), n, "gaze")
+        params = eyes.sample_parameters(np.random.default_rng(key), n, "gaze", split)
         images = [f"{split}/{i:06d}.png" for i in range(n)]
         (root / split).mkdir(parents=True, exist_ok=True)
         jobs = list(zip(range(n), images, params.to_dict("records")))

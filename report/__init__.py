@@ -14,10 +14,10 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
-import pandas as pd
 
 from common.errors import HUDDError
 from common.files import write_text
+from common.tables import try_read_table
 
 STYLE_FILE = Path(__file__).with_name("style.css")
 MEMBERS_SHOWN = 12             # thumbnails per cluster; the folder link has them all
@@ -35,13 +35,6 @@ def _e(text):
 
 def _href(path, base):
     return quote(os.path.relpath(path, base).replace(os.sep, "/"), safe="/")
-
-
-def _read_csv(path, **options):
-    try:
-        return pd.read_csv(path, keep_default_na=False, **options)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError):
-        return None
 
 
 def _table(frame, limit=TABLE_ROWS_SHOWN):
@@ -102,7 +95,7 @@ class _Overlays:
         self.heatmaps = None
         self.rows = {}
         layer0 = case / "T" / "Heatmaps" / "Layer0.npy"
-        index = _read_csv(case / "T" / "Heatmaps" / "index.csv") if layer0.is_file() else None
+        index = try_read_table(case / "T" / "Heatmaps" / "index.csv") if layer0.is_file() else None
         if index is not None and {"row", "image"} <= set(index.columns):
             try:
                 self.heatmaps = np.load(layer0, mmap_mode="r")
@@ -129,7 +122,7 @@ class _Overlays:
 # ---------------------------------------------------------------------------------------------- sections
 
 def _labels(case):
-    frame = _read_csv(case / "testResult.csv")
+    frame = try_read_table(case / "testResult.csv")
     if frame is None or not {"image", "expected", "predicted"} <= set(frame.columns):
         return {}, None
     labels = dict(zip(frame["image"].astype(str), zip(frame["expected"].astype(str), frame["predicted"].astype(str))))
@@ -153,10 +146,10 @@ def _member_order(t_dir, layer, rows, medoid_row):
 
 def _cluster_section(case, t_dir, layer, labels, overlays, rq1, unsafe_counts):
     folder = t_dir / "ClusterAnalysis" / layer
-    clusters = _read_csv(folder / "clusters.csv")
+    clusters = try_read_table(folder / "clusters.csv")
     if clusters is None or not {"image", "cluster"} <= set(clusters.columns):
         return "<p class=note>No clusters yet: run the clustering step.</p>"
-    info = _read_csv(folder / "cluster_info.csv")
+    info = try_read_table(folder / "cluster_info.csv")
     medoids = dict(zip(info["cluster"].astype(int), info["medoid"].astype(str))) if info is not None and \
         {"cluster", "medoid"} <= set(info.columns) else {}
     images = clusters["image"].astype(str).tolist()
@@ -304,13 +297,13 @@ def write_report(case_dir):
         raise HUDDError(f"{case}: case folder not found; pass the folder given to -o")
     t_dir = case / "T"
     t_dir.mkdir(exist_ok=True)
-    summary = _read_csv(t_dir / "ClusterAnalysis" / "summary.csv")
+    summary = try_read_table(t_dir / "ClusterAnalysis" / "summary.csv")
     best = _best_layer(summary)
     labels, results = _labels(case)
     overlays = _Overlays(case)
-    rq1 = _read_csv(case / "RQ1.csv")
+    rq1 = try_read_table(case / "RQ1.csv")
     rq1_index = rq1.set_index(rq1["cluster"].astype(int)) if rq1 is not None and "cluster" in rq1.columns else None
-    unsafe = _read_csv(t_dir / "UnsafeSet" / "unsafe.csv")
+    unsafe = try_read_table(t_dir / "UnsafeSet" / "unsafe.csv")
     unsafe_counts = unsafe.groupby("cluster").size().to_dict() if unsafe is not None and "cluster" in unsafe.columns \
         else {}
     body = [f"<h1>HUDD report <small>{_e(case.resolve().name)}</small></h1>",
@@ -329,7 +322,14 @@ def write_report(case_dir):
         explained = int((rq1["explained"].astype(str).str.lower() == "true").sum())
         facts.append(f"RQ1: {explained} of {len(rq1)} clusters ({100.0 * explained / len(rq1):.1f}%) explained by a "
                      f"simulator parameter")
-    if unsafe is not None:
+    precision = try_read_table(t_dir / "UnsafeSet" / "precision.csv")
+    total = precision[precision["cluster"].astype(str) == "all"] if precision is not None and \
+        {"cluster", "precision", "base_error_rate"} <= set(precision.columns) else None
+    if unsafe is not None and total is not None and len(total):
+        facts.append(f"unsafe set: {len(unsafe)} improvement images, <b>{100 * total['precision'].iloc[0]:.1f}%</b> "
+                     f"of them errors of the DNN (improvement set: {100 * total['base_error_rate'].iloc[0]:.1f}%, "
+                     f"the expected share of a random draw such as BL1's and BL2's)")
+    elif unsafe is not None:
         facts.append(f"unsafe set: {len(unsafe)} improvement images")
     body.append("<ul class=facts>" + "".join(f"<li>{f}</li>" for f in facts) + "</ul>" if facts else
                 "<p class=note>Nothing computed yet: run HUDD.py on this folder.</p>")
@@ -342,13 +342,21 @@ def write_report(case_dir):
         body.append("<h2>RQ1: variance of simulator parameters per cluster</h2><p class=note>ratio = variance in "
                     "the cluster / variance over all clustered errors; explained when a ratio is below 0.5.</p>"
                     + _table(rq1))
-    if unsafe is not None and "cluster" in unsafe.columns:
+    if total is not None and len(total):
+        body.append("<h2>Unsafe set</h2><p class=note>Per cluster: improvement images selected, how many of them "
+                    "the DNN gets wrong (precision) and that share over the improvement set's error rate (lift).</p>"
+                    + _table(precision))
+    elif unsafe is not None and "cluster" in unsafe.columns:
         counts = unsafe.groupby("cluster").size().rename("images").reset_index()
         body.append("<h2>Unsafe set</h2>" + _table(counts))
-    for path in sorted(t_dir.glob("retrain_*.csv")):
-        body.append(f"<h2>Retraining: {_e(path.stem.removeprefix('retrain_'))}</h2>" + _table(_read_csv(path)))
+    for path in sorted(p for p in t_dir.glob("retrain_*.csv") if not p.stem.endswith("_history")):
+        body.append(f"<h2>Retraining: {_e(path.stem.removeprefix('retrain_'))}</h2>" + _table(try_read_table(path)))
+        curve = path.with_name(f"{path.stem}_history.png")
+        if curve.is_file():
+            body.append(f"<div class=curves><figure><img src=\"{_href(curve, t_dir)}\" alt=\"{_e(curve.name)}\">"
+                        f"<figcaption>accuracy per retraining epoch</figcaption></figure></div>")
     if (case / "RQ2.csv").is_file():
-        body.append("<h2>RQ2</h2>" + _table(_read_csv(case / "RQ2.csv")))
+        body.append("<h2>RQ2</h2>" + _table(try_read_table(case / "RQ2.csv")))
     plots = sorted(case.glob("RQ2*.png"))
     if plots:
         if not (case / "RQ2.csv").is_file():

@@ -38,6 +38,7 @@ def hudd(case, *args):
 
 def ok(result):
     assert result.returncode == 0, (result.returncode, result.stdout[-1500:], result.stderr[-2500:])
+    assert "Traceback" not in result.stderr, result.stderr[-2500:]
     return result
 
 

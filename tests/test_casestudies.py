@@ -196,3 +196,30 @@ def test_fmnist_small(tmp_path):
 def test_fmnist_missing_data_says_how_to_install(tmp_path):
     with pytest.raises(HUDDError, match="apt-get install -y dataset-fashion-mnist"):
         fashion.write_datasets(tmp_path / "DataSets", 0, "small", progress=False, source=tmp_path / "none")
+
+
+# --- splits built as the paper's: named conditions rarer in training, richer in the improvement set --
+
+@pytest.mark.parametrize("task", ["gaze", "openclosed"])
+def test_condition_frequencies_per_split(task):
+    """Each named condition occurs in each split at its documented share (within 4 standard errors)."""
+    n = 20000
+    for split in SPLITS:
+        params = eyes.sample_parameters(np.random.default_rng([7, eyes.SPLIT_COLUMN[split]]), n, task, split)
+        masks = eyes.condition_masks(params, task)
+        assert set(masks) == set(eyes.CONDITIONS) - ({"half_closed_eyes"} if task == "openclosed" else set())
+        for name, mask in masks.items():
+            share = eyes.condition_shares(split)[name]
+            assert abs(mask.mean() - share) < 4 * math.sqrt(share * (1 - share) / n), (task, split, name, mask.mean())
+    train, test, improvement = (eyes.condition_shares(s) for s in SPLITS)
+    for name in eyes.CONDITIONS:
+        assert train[name] * 3 <= test[name] and improvement[name] >= 2 * test[name], name
+
+
+def test_built_splits_follow_the_condition_shares(gaze_case):
+    """The written params.csv of each split holds its split's conditions (a built case, small scale)."""
+    params = pd.read_csv(gaze_case / "DataSets" / "params.csv")
+    split = params["image"].str.split("/").str[0]
+    rare = {s: np.any(list(eyes.condition_masks(params[split == s]).values()), axis=0).mean() for s in SPLITS}
+    assert rare["TrainingSet"] < rare["TestSet"] < rare["ImprovementSet"], rare
+    assert (split == "ImprovementSet").sum() == 2 * (split == "TestSet").sum()
