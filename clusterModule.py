@@ -890,15 +890,19 @@ def rq1(params, clusters, notes=None):
                                        "max", "variance", "median", "std", "q1", "q3"])
 
 
-def rq1_clusters(table):
-    """One row per cluster: its smallest ratio, the parameter that gives it, explained or not."""
+def rq1_clusters(table, test_means=None):
+    """One row per cluster: its smallest ratio, the parameter that gives it, explained or not, and that
+    parameter's mean in the cluster against its mean over the whole test set (`test_means`: {parameter: mean})."""
     if table.empty:
-        return pd.DataFrame(columns=["cluster", "size", "min_ratio", "best_parameter", "explained"])
+        return pd.DataFrame(columns=["cluster", "size", "min_ratio", "best_parameter", "explained", "best_mean",
+                                     "test_set_mean"])
     best = table.loc[table.groupby("cluster")["ratio"].idxmin()]
     wide = table.pivot(index="cluster", columns="parameter", values="ratio").add_prefix("ratio_")
     frame = pd.DataFrame({"cluster": best["cluster"].to_numpy(), "size": best["size"].to_numpy(),
                           "min_ratio": best["ratio"].to_numpy(), "best_parameter": best["parameter"].to_numpy(),
-                          "explained": (best["ratio"] < RQ1_EXPLAINED_RATIO).to_numpy()})
+                          "explained": (best["ratio"] < RQ1_EXPLAINED_RATIO).to_numpy(),
+                          "best_mean": best["mean"].to_numpy(),
+                          "test_set_mean": [(test_means or {}).get(p, np.nan) for p in best["parameter"]]})
     return frame.merge(wide.reset_index(), on="cluster").sort_values("cluster").reset_index(drop=True)
 
 
@@ -950,7 +954,8 @@ def write_rq1(case_dir, images=None, labels=None, layer=None, per_cluster=IMAGES
     table = rq1(params, clusters, notes)
     for note in notes:
         print(f"RQ1 note: {note}")
-    per = rq1_clusters(table)
+    test_rows = params[params["image"].astype(str).str.startswith("TestSet/")]
+    per = rq1_clusters(table, {p: pd.to_numeric(test_rows[p], errors="coerce").mean() for p in set(table["parameter"])})
     summary = rq1_summary(table, clusters, per_cluster)
     summary.update({"layer": layer, "notes": notes})
     with atomic_path(case_dir / "RQ1.xlsx") as tmp:

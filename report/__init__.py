@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import numpy as np
+import pandas as pd
 
 from common.errors import HUDDError
 from common.files import write_text
@@ -184,10 +185,16 @@ def _cluster_block(case, t_dir, folder, c, ordered, images, labels, overlays, rq
     if rq1 is not None and c in rq1.index:
         row = rq1.loc[c]
         verdict = "explained" if str(row.get("explained", "")).lower() == "true" else "not explained"
+        means = ""
+        if pd.notna(row.get("best_mean", np.nan)) and pd.notna(row.get("test_set_mean", np.nan)):
+            means = f": mean {_e(_fmt(row['best_mean']))} here, {_e(_fmt(row['test_set_mean']))} over the test set"
         notes.append(f"<span class=\"badge {'ok' if verdict == 'explained' else 'no'}\">RQ1: {verdict}</span> "
-                     f"lowest variance ratio {_e(_fmt(row.get('min_ratio')))} ({_e(row.get('best_parameter', ''))})")
+                     f"lowest variance ratio {_e(_fmt(row.get('min_ratio')))} ({_e(row.get('best_parameter', ''))}"
+                     f"{means})")
     if c in unsafe_counts:
-        notes.append(f"unsafe set: {unsafe_counts[c]} improvement images")
+        count, precision = unsafe_counts[c]
+        share = f", {100 * precision:.0f}% of them errors of the DNN" if pd.notna(precision) else ""
+        notes.append(f"unsafe set: {count} improvement images{share}")
     members = "".join(_member(case, t_dir, images[r], labels, overlays, "medoid" if i == 0 else "")
                       for i, r in enumerate(ordered[:MEMBERS_SHOWN]))
     more = f"<p class=note>... {size - MEMBERS_SHOWN} more in the folder</p>" if size > MEMBERS_SHOWN else ""
@@ -304,8 +311,11 @@ def write_report(case_dir):
     rq1 = try_read_table(case / "RQ1.csv")
     rq1_index = rq1.set_index(rq1["cluster"].astype(int)) if rq1 is not None and "cluster" in rq1.columns else None
     unsafe = try_read_table(t_dir / "UnsafeSet" / "unsafe.csv")
-    unsafe_counts = unsafe.groupby("cluster").size().to_dict() if unsafe is not None and "cluster" in unsafe.columns \
-        else {}
+    precision = try_read_table(t_dir / "UnsafeSet" / "precision.csv")
+    share = dict(zip(precision["cluster"].astype(str), precision["precision"])) \
+        if precision is not None and {"cluster", "precision"} <= set(precision.columns) else {}
+    unsafe_counts = {int(c): (n, share.get(str(c), np.nan)) for c, n in unsafe.groupby("cluster").size().items()} \
+        if unsafe is not None and "cluster" in unsafe.columns else {}
     body = [f"<h1>HUDD report <small>{_e(case.resolve().name)}</small></h1>",
             f"<p class=note>Written {_e(time.strftime('%Y-%m-%d %H:%M'))} from the files of {_e(case.resolve())}. "
             f"<span id=image-check></span></p>"]
@@ -322,7 +332,6 @@ def write_report(case_dir):
         explained = int((rq1["explained"].astype(str).str.lower() == "true").sum())
         facts.append(f"RQ1: {explained} of {len(rq1)} clusters ({100.0 * explained / len(rq1):.1f}%) explained by a "
                      f"simulator parameter")
-    precision = try_read_table(t_dir / "UnsafeSet" / "precision.csv")
     total = precision[precision["cluster"].astype(str) == "all"] if precision is not None and \
         {"cluster", "precision", "base_error_rate"} <= set(precision.columns) else None
     if unsafe is not None and total is not None and len(total):

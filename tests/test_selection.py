@@ -107,3 +107,23 @@ def test_unknown_schedule_is_refused(case):
 
     with pytest.raises(HUDDError, match="--schedule 'step': use one of constant, cosine"):
         rm.retrain(case, case / "DNNModels" / "OriginalModel.pth", "HUDD", epochs=1, schedule="step", progress=False)
+
+
+def test_rq1_names_each_clusters_parameter_with_its_mean_against_the_test_set(tmp_path):
+    """A planted case: cluster 1 is the low-light errors, cluster 2 the extreme yaws."""
+    import clusterModule
+
+    rng = np.random.default_rng(0)
+    n = 200
+    params = pd.DataFrame({"image": [f"TestSet/a/{i}.png" for i in range(n)],
+                           "light": rng.uniform(0.6, 1.3, n), "yaw": rng.normal(0, 5, n)})
+    params.loc[:9, "light"] = np.linspace(0.1, 0.3, 10)
+    params.loc[10:19, "yaw"] = np.linspace(30, 40, 10)
+    clusters = pd.DataFrame({"image": params["image"][:20], "cluster": [1] * 10 + [2] * 10})
+    table = clusterModule.rq1(params, clusters)
+    per = clusterModule.rq1_clusters(table, {"light": params["light"].mean(), "yaw": params["yaw"].mean()})
+    per = per.set_index("cluster")
+    assert per.loc[1, "best_parameter"] == "light" and per.loc[2, "best_parameter"] == "yaw"
+    assert per.loc[1, "best_mean"] == pytest.approx(0.2) and per.loc[2, "best_mean"] == pytest.approx(35.0)
+    assert per.loc[1, "test_set_mean"] == pytest.approx(params["light"].mean())
+    assert per.loc[2, "test_set_mean"] == pytest.approx(params["yaw"].mean())
