@@ -67,12 +67,13 @@ def parser():
                    help="BL1/BL2 labelling budget as a share of HUDD's (1 = equal; 0.3 = the original code)")
     p.add_argument("--assign-factor", type=float, default=defaults.assign_factor,
                    help="unsafe-set quota per cluster, times its size (original: 2)")
-    p.add_argument("--select", choices=["train-accuracy", "val-accuracy"], default=defaults.select,
+    p.add_argument("--select", choices=["train-accuracy", "val-accuracy", "last"], default=defaults.select,
                    help="which retraining epoch to keep (original: best training accuracy)")
     p.add_argument("--lr", type=positive_float, default=defaults.lr,
                    help="retraining learning rate (default: the original's 1e-3, SGD; RMSprop for keypoints)")
     p.add_argument("--schedule", choices=["constant", "cosine"], default=defaults.schedule,
-                   help="retraining learning-rate schedule (original: constant; cosine falls to 0 over the epochs)")
+                   help="retraining learning-rate schedule (default cosine: falls to 0 over the epochs; the "
+                        "original's: constant)")
     p.add_argument("--monitor-test", type=boolean, default=defaults.monitor_test, metavar="True|False",
                    help="record the test accuracy after every retraining epoch in T/retrain_<mode>_history.csv "
                         "(a diagnosis; never used to choose the kept epoch)")

@@ -45,7 +45,7 @@ class Options:
     threshold: float = 4.0      # keypoint regressors: Wrong when the mean keypoint error is above this (px)
     freeze: int = 4             # keypoint regressors: first convolutions frozen when retraining (the original's 4)
     lr: float | None = None     # retraining learning rate; None = the original's 1e-3 (SGD, or RMSprop for keypoints)
-    schedule: str = "constant"  # retraining learning-rate schedule: constant (the original's) or cosine
+    schedule: str = "cosine"    # retraining learning-rate schedule: cosine, or constant (the original's)
     monitor_test: bool = False  # record the test accuracy after every retraining epoch (a diagnosis)
 
     def subset(self, names):

@@ -60,7 +60,8 @@ def parser():
     p.add_argument("--lr", type=positive_float, default=defaults.lr,
                    help="retraining learning rate (default: the original's 1e-3, SGD; RMSprop for keypoints)")
     p.add_argument("--schedule", choices=list(retrainModule.SCHEDULES), default=defaults.schedule,
-                   help="retraining learning-rate schedule (original: constant; cosine falls to 0 over the epochs)")
+                   help="retraining learning-rate schedule (default cosine: falls to 0 over the epochs; the "
+                        "original's: constant)")
     p.add_argument("--monitor-test", type=boolean, default=defaults.monitor_test, metavar="True|False",
                    help="record the test accuracy after every retraining epoch (a diagnosis)")
     p.add_argument("--threshold", type=positive_float, default=defaults.threshold,
