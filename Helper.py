@@ -381,6 +381,41 @@ def rq1(case):
     return summary
 
 
+def explain(case):
+    """The clusters in words (-rq True; not a cached step, seconds): with DataSets/params.csv a rule per
+    cluster over the parameters (rules.csv), and always a description (descriptions.csv: confusion, medoid).
+    Returns the console lines, one per cluster."""
+    import explainModule
+    import report
+    from clusterModule import CLUSTER_ANALYSIS, read_params
+    from common.tables import try_read_table
+    from testModule import read_results
+
+    import pandas as pd
+
+    layer, images, labels = selected_clusters(case)
+    clusters = pd.DataFrame({"image": images, "cluster": labels})
+    results = read_results(case.dir / "testResult.csv")
+    info = try_read_table(case.t / CLUSTER_ANALYSIS / layer / "cluster_info.csv")
+    medoids = dict(zip(info["cluster"], info["medoid"].astype(str))) if info is not None and \
+        {"cluster", "medoid"} <= set(info.columns) else None
+    descriptions = explainModule.describe_clusters(clusters, results, medoids)
+    params_path = case.datasets / "params.csv"
+    rules = None
+    if params_path.is_file():
+        try:
+            rules = explainModule.cluster_rules(read_params(params_path), clusters, results)
+        except HUDDError as exc:        # RQ1 has said what is wrong with params.csv; descriptions still help
+            print(f"[explain] no rules over {params_path.name}: {exc}")
+    explainModule.write_rules(case.t, layer, rules, descriptions)
+    report.write_report(case.dir)
+    lines = explainModule.format_rules(rules).splitlines() if rules is not None else \
+        [f"cluster {r.cluster} ({r.size} images): {r.confusion}" for r in descriptions.itertuples()]
+    for line in lines:
+        print(f"[explain] {line}")
+    return lines
+
+
 def selected_clusters(case):
     """The best layer and its clusters: (layer, images, cluster labels) from T/ClusterAnalysis."""
     import clusterModule
@@ -492,6 +527,8 @@ def run(case_dir, model_name="OriginalModel.pth", options=None, step=None, until
                     if found:
                         summaries[name] = {**summaries[name], "rq1_explained": found["explained_percent"],
                                            "rq1_inspected": found["inspected_percent"], "rq1": found}
+                    where.name = "explain"
+                    summaries[name] = {**summaries[name], "rules": explain(case)}
             return summaries
         finally:
             case.unlock()
@@ -518,6 +555,8 @@ def summary_text(case_dir, summaries):
         if clusters.get("rq1_explained") is not None:
             lines.append(f"  RQ1 explained        {clusters['rq1_explained']:.1f}% of clusters; "
                          f"{clusters['rq1_inspected']:.2f}% of error images inspected at 5 per cluster")
+        for i, line in enumerate(clusters.get("rules") or []):
+            lines.append(f"  {'clusters in words' if i == 0 else '':<20} {line}")
     assign = summaries.get("assign")
     if assign:
         if assign.get("unsafe_precision") is not None:

@@ -145,6 +145,25 @@ def _member_order(t_dir, layer, rows, medoid_row):
     return ([medoid_row] if medoid_row is not None else []) + others
 
 
+def _words(t_dir, layer):
+    """{cluster: html} of each cluster's rule (rules.csv) and description (descriptions.csv), when written."""
+    folder = t_dir / "ClusterAnalysis" / layer
+    words = {}
+    descriptions = try_read_table(folder / "descriptions.csv", text=("confusion", "nearest_training"))
+    if descriptions is not None and {"cluster", "confusion"} <= set(descriptions.columns):
+        for row in descriptions.itertuples():
+            if str(row.confusion):
+                words[int(row.cluster)] = [f"confusion: {_e(row.confusion)}"]
+    rules = try_read_table(folder / "rules.csv", text=("rule", "conditions"))
+    if rules is not None and {"cluster", "rule", "precision", "recall", "coverage"} <= set(rules.columns):
+        for row in rules.itertuples():
+            if str(row.rule):
+                words.setdefault(int(row.cluster), []).insert(0, (
+                    f"<b>rule: {_e(row.rule)}</b> (precision {row.precision:.2f}, recall {row.recall:.2f}, "
+                    f"{100 * row.coverage:.1f}% of the test set)"))
+    return words
+
+
 def _cluster_section(case, t_dir, layer, labels, overlays, rq1, unsafe_counts):
     folder = t_dir / "ClusterAnalysis" / layer
     clusters = try_read_table(folder / "clusters.csv")
@@ -156,6 +175,7 @@ def _cluster_section(case, t_dir, layer, labels, overlays, rq1, unsafe_counts):
     images = clusters["image"].astype(str).tolist()
     row_of = {image: i for i, image in enumerate(images)}
     groups = clusters.groupby("cluster").indices
+    words = _words(t_dir, layer)
     order = sorted(groups, key=lambda c: (-len(groups[c]), c))
     parts, singletons = [], []
     for c in order:
@@ -165,7 +185,8 @@ def _cluster_section(case, t_dir, layer, labels, overlays, rq1, unsafe_counts):
         if len(rows) == 1:
             singletons.append(_member(case, t_dir, images[rows[0]], labels, overlays, f"cluster {c}"))
             continue
-        parts.append(_cluster_block(case, t_dir, folder, c, ordered, images, labels, overlays, rq1, unsafe_counts))
+        parts.append(_cluster_block(case, t_dir, folder, c, ordered, images, labels, overlays, rq1, unsafe_counts,
+                                    words.get(int(c), [])))
     html_parts = ["\n".join(parts)]
     if singletons:
         html_parts.append(f"<section class=cluster><h3>Singleton clusters ({len(singletons)})</h3>"
@@ -174,7 +195,7 @@ def _cluster_section(case, t_dir, layer, labels, overlays, rq1, unsafe_counts):
     return "\n".join(html_parts)
 
 
-def _cluster_block(case, t_dir, folder, c, ordered, images, labels, overlays, rq1, unsafe_counts):
+def _cluster_block(case, t_dir, folder, c, ordered, images, labels, overlays, rq1, unsafe_counts, words=()):
     size = len(ordered)
     links = []
     member_dir = folder / str(c)
@@ -201,7 +222,7 @@ def _cluster_block(case, t_dir, folder, c, ordered, images, labels, overlays, rq
     gif_html = (f"<figure class=gif><a href=\"{_href(gif, t_dir)}\"><img src=\"{_href(gif, t_dir)}\" alt=\"cluster {c} "
                 f"animation\"></a><figcaption>all members, 100 per minute</figcaption></figure>") if gif.is_file() else ""
     return (f"<section class=cluster id=\"cluster-{_e(c)}\"><h3>Cluster {_e(c)} <small>{size} images</small></h3>"
-            f"<p>{' · '.join(links + notes)}</p><div class=row>{gif_html}<div class=grid>{members}</div></div>"
+            f"<p>{' · '.join(links + notes)}</p>{''.join(f'<p class=words>{w}</p>' for w in words)}<div class=row>{gif_html}<div class=grid>{members}</div></div>"
             f"{more}</section>")
 
 

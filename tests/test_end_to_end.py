@@ -83,5 +83,12 @@ def test_all_seven_steps_leave_their_files_and_a_summary(gaze_run):
     assert (case / "RQ1.xlsx").is_file() and (case / "T" / "report.html").is_file()
     retrain = pd.read_csv(case / "T" / "retrain_HUDD.csv")
     assert (case / "DNNModels" / retrain.loc[0, "model"]).is_file()
-    for needle in ("test accuracy", "best layer", "RQ1 explained", "unsafe set", "after retraining", "report.html"):
+    for needle in ("test accuracy", "best layer", "RQ1 explained", "unsafe set", "after retraining", "report.html",
+                   "clusters in words", "of them errors (improvement set: "):
         assert needle in stdout, needle
+    rules = pd.read_csv(case / "T" / "ClusterAnalysis" / best / "rules.csv", keep_default_na=False)
+    precision = pd.read_csv(case / "T" / "UnsafeSet" / "precision.csv", keep_default_na=False)
+    assert set(rules["cluster"]) == set(pd.read_csv(case / "T" / "ClusterAnalysis" / best / "clusters.csv")["cluster"])
+    assert precision["cluster"].astype(str).iloc[-1] == "all" and precision["selected"].iloc[-1] == len(unsafe)
+    page = (case / "T" / "report.html").read_text(encoding="utf-8")
+    assert all(f"rule: {r}".replace("<", "&lt;").replace(">", "&gt;") in page for r in rules["rule"] if r)

@@ -107,9 +107,21 @@ def test_report_shows_optional_results_when_present(tmp_path):
     Image.new("RGB", (40, 30), "white").save(case / "RQ2_boxplot.png")
     pd.DataFrame({"cluster": [big], "size": [int(result["sizes"][big - 1])], "min_ratio": [0.2],
                   "best_parameter": ["gaze_yaw"], "explained": [True]}).to_csv(case / "RQ1.csv", index=False)
+    layer_dir = case / "T" / "ClusterAnalysis" / "Layer2"
+    pd.DataFrame({"cluster": [big], "size": [2], "rule": ["head_yaw > 28.1"], "conditions": ["[]"], "precision": [0.9],
+                  "recall": [0.8], "coverage": [0.05], "matching": [150]}).to_csv(layer_dir / "rules.csv", index=False)
+    pd.DataFrame({"cluster": [big], "size": [2], "confusion": ["0 -> 00001 100%"], "medoid": [""],
+                  "nearest_training": [""]}).to_csv(layer_dir / "descriptions.csv", index=False)
+    pd.DataFrame({"cluster": [big, "all"], "members": [2, 2], "selected": [2, 2], "labelled": [2, 2], "errors": [1, 1],
+                  "precision": [0.5, 0.5], "base_error_rate": [0.2, 0.2], "lift": [2.5, 2.5]}).to_csv(
+        case / "T" / "UnsafeSet" / "precision.csv", index=False)
     page = report.write_report(case).read_text(encoding="utf-8")
     block = page.split(f'id="cluster-{big}"')[1].split("</section>")[0]
-    assert "RQ1: explained" in block and "gaze_yaw" in block and "unsafe set: 2 improvement images" in block
+    assert "RQ1: explained" in block and "gaze_yaw" in block
+    assert "unsafe set: 2 improvement images, 50% of them errors of the DNN" in block
+    assert "rule: head_yaw &gt; 28.1</b> (precision 0.90, recall 0.80, 5.0% of the test set)" in block
+    assert "confusion: 0 -&gt; 00001 100%" in block
+    assert "<b>50.0%</b> of them errors of the DNN (improvement set: 20.0%" in page
     for text in ("Unsafe set", "Retraining: HUDD", "0.87", "<h2>RQ2</h2>", "BL1", "RQ2_boxplot.png"):
         assert text in page
     assert not [t for t, path in local_targets(page, case / "T") if not path.exists()]
