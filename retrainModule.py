@@ -185,7 +185,7 @@ DEFAULT_EPOCHS = 10            # the original's GD and OC case studies (TS 12, O
 MODES = ("HUDD", "BL1", "BL2")
 SELECTIONS = ("train-accuracy", "val-accuracy", "last", "train-loss")
 SCHEDULES = ("constant", "cosine")   # constant = the original's fixed learning rate
-DEFAULT_SCHEDULE = "cosine"         # measured on gaze: constant never settles (README, "Why retraining gained little")
+DEFAULT_SCHEDULE = "cosine"         # measured on gaze: a constant rate never settles (README, "Why retraining gains little")
 DEFAULT_HOLDOUT = 0.1          # share of the training set held out when select="val-accuracy"
 DEFAULT_BUDGET_FACTOR = 1.0    # baselines label as many images as HUDD (the paper); 0.3 = the original code
 RETRAIN_BATCH_SIZE = 128       # the original's
@@ -273,9 +273,8 @@ def pad_by_bootstrap(images, size, seed):
 
 def retraining_images(mode, unsafe, cluster_sizes, improvement, wrong, seed, budget_factor=DEFAULT_BUDGET_FACTOR,
                       pad_baselines=True):
-    """The improvement images a repetition adds to the training set (with duplicates), and how many were labelled.
-
-    See labelled_images for which images those are.
+    """The improvement images a repetition adds to the training set (with duplicates), and how many were labelled
+    (labelled_images lists those).
 
     HUDD: the balanced unsafe set; the engineer labelled the whole unsafe set. BL1/BL2: a fresh draw
     of baseline_budget(len(unsafe)) images for this seed; with `pad_baselines` (the original) a draw
