@@ -18,8 +18,14 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for training (default: all CPUs; 1 is faster on a busy machine)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--from-rules", metavar="CASE", help="instead of a case study: render an improvement set "
+                        "inside the rules of CASE's root-cause clusters (-rq True writes them) into -o")
+    parser.add_argument("--per-cluster", type=int, default=100, help="with --from-rules: images per cluster "
+                        "(default 100)")
     args = parser.parse_args(argv)
     start = time.time()
+    if args.from_rules:
+        return _from_rules(args, start)
     try:
         case = build(args.name, args.output, seed=args.seed, scale=args.scale, progress=not args.quiet,
                      force=args.force, threads=args.threads)
@@ -34,6 +40,20 @@ def main(argv=None):
     print(f"{args.name}: {case}/DataSets (written in {written.get('write_seconds', 0):.0f} s) and "
           f"{case}/DNNModels/OriginalModel.pth (trained in {meta['extra'].get('train_seconds', 0):.0f} s); "
           f"{time.time() - start:.0f} s in all")
+    return 0
+
+
+def _from_rules(args, start):
+    from casestudies import fromrules
+
+    try:
+        used = fromrules.generate(args.from_rules, args.output, per_cluster=args.per_cluster, seed=args.seed,
+                                  progress=not args.quiet, task=args.name)
+    except HUDDError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.name} from rules: {len(used)} images for {used['cluster'].nunique()} clusters in "
+          f"{args.output}/ImprovementSet, parameters in {args.output}/params.csv; {time.time() - start:.0f} s")
     return 0
 
 
