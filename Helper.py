@@ -181,10 +181,14 @@ class Case:
 
 # --- the step cache ---------------------------------------------------------------------------
 
+# Written into a step's output folder later (by -rq True), without making that step's result stale.
+LATER_FILES = ("rules.csv", "descriptions.csv")
+
+
 def _fingerprint(path):
     path = Path(path)
     if path.is_dir():
-        return "dir:" + tree_fingerprint(path)
+        return "dir:" + tree_fingerprint(path, exclude_names=LATER_FILES)
     if path.is_file():
         return "file:" + file_fingerprint(path)
     return "missing"
@@ -399,7 +403,8 @@ def explain(case):
     info = try_read_table(case.t / CLUSTER_ANALYSIS / layer / "cluster_info.csv")
     medoids = dict(zip(info["cluster"], info["medoid"].astype(str))) if info is not None and \
         {"cluster", "medoid"} <= set(info.columns) else None
-    descriptions = explainModule.describe_clusters(clusters, results, medoids)
+    neighbours = _nearest_training(case, layer, images, medoids) if medoids else None
+    descriptions = explainModule.describe_clusters(clusters, results, medoids, neighbours)
     params_path = case.datasets / "params.csv"
     rules = None
     if params_path.is_file():
@@ -414,6 +419,30 @@ def explain(case):
     for line in lines:
         print(f"[explain] {line}")
     return lines
+
+
+def _nearest_training(case, layer, images, medoids):
+    """{cluster: the training images nearest to its medoid by the selected layer's heatmaps} (one streamed pass)."""
+    import numpy as np
+
+    import assignModule
+    import explainModule
+    from common.data import ImageSet, ImageSpec
+
+    heatmaps = np.load(case.t / "Heatmaps" / f"{layer}.npy", mmap_mode="r")
+    row_of = {image: i for i, image in enumerate(_heatmap_layers(case)[1])}
+    centres = {c: np.asarray(heatmaps[row_of[m]], dtype=np.float32).ravel() for c, m in medoids.items()
+               if m in row_of}
+    model, meta = case.model
+    train = case.splits["TrainingSet"]
+    start = None
+    if case.keypoints:
+        from testModule import least_peaked_start as start
+    batches = assignModule.improvement_heatmaps(model, ImageSet(case.datasets, train.images, ImageSpec.from_meta(meta)),
+                                                layer, case.options.batch_size, case.device, rule=case.options.rule,
+                                                workers=case.options.workers, progress=case.options.progress,
+                                                start=start)
+    return explainModule.nearest_training(centres, batches)
 
 
 def selected_clusters(case):

@@ -379,3 +379,31 @@ def format_rules(rules):
         else:
             lines.append(f"{head}: no rule; the parameters do not separate it from the images the DNN gets right")
     return "\n".join(lines)
+
+
+NEAREST_TRAINING = 3        # training images shown beside each cluster's medoid
+
+
+def nearest_training(medoids, batches, k=NEAREST_TRAINING):
+    """{cluster: the k training images whose heatmaps are closest (Euclidean) to the cluster's medoid's}.
+
+    `medoids`: {cluster: the medoid's flattened heatmap}; `batches` yields (image keys, (B, D) heatmaps)
+    of the training images at the same layer (assignModule.improvement_heatmaps does). Only the k best
+    per cluster are kept while streaming, so memory does not grow with the training set.
+    """
+    import torch
+
+    if not medoids:
+        return {}
+    clusters = list(medoids)
+    centre = torch.as_tensor(np.stack([np.asarray(medoids[c], dtype=np.float32).ravel() for c in clusters]))
+    best_d = torch.full((len(clusters), 0), float("inf"))
+    best_keys = np.empty((len(clusters), 0), dtype=object)
+    for keys, heatmaps in batches:
+        d = torch.cdist(centre, torch.as_tensor(np.asarray(heatmaps, dtype=np.float32)))
+        d = torch.cat([best_d, d], dim=1)
+        names = np.concatenate([best_keys, np.tile(np.asarray(keys, dtype=object), (len(clusters), 1))], axis=1)
+        order = torch.argsort(d, dim=1, stable=True)[:, :k]
+        best_d = torch.gather(d, 1, order)
+        best_keys = np.take_along_axis(names, order.numpy(), axis=1)
+    return {c: [str(key) for key in best_keys[i]] for i, c in enumerate(clusters)}

@@ -72,8 +72,9 @@ def json_digest(obj):
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def tree_fingerprint(root, exclude=()):
-    """One hash over the relative path, size and mtime of every file below `root` but those in `exclude`."""
+def tree_fingerprint(root, exclude=(), exclude_names=()):
+    """One hash over the relative path, size and mtime of every file below `root` but those in `exclude`
+    (relative paths) and those named in `exclude_names` (at any depth)."""
     root = Path(root)
     digest = hashlib.sha256()
     if root.exists():
@@ -82,7 +83,7 @@ def tree_fingerprint(root, exclude=()):
             for name in sorted(filenames):
                 full = os.path.join(dirpath, name)
                 rel = os.path.relpath(full, root)
-                if rel in exclude:
+                if rel in exclude or name in exclude_names:
                     continue
                 digest.update(f"{rel}\0{file_fingerprint(full)}\n".encode())
     return digest.hexdigest()

@@ -180,3 +180,18 @@ def test_format_rules_gives_one_line_per_cluster(planted):
     assert len(lines) == len(rules)
     assert lines[0] == (f"cluster 1 ({row['size']} images): {row['rule']} (precision {row['precision']:.2f}, "
                         f"recall {row['recall']:.2f}, {100 * row['coverage']:.1f}% of the test set)")
+
+
+def test_nearest_training_images_are_the_k_closest_heatmaps_over_all_batches():
+    from explainModule import nearest_training
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(50, 8)).astype(np.float32)
+    keys = [f"TrainingSet/a/{i:02d}.png" for i in range(50)]
+    medoids = {1: train[7] + 0.01, 4: rng.normal(size=8)}
+    batches = [(keys[i:i + 16], train[i:i + 16]) for i in range(0, 50, 16)]
+    found = nearest_training(medoids, iter(batches), k=3)
+    for cluster, centre in medoids.items():
+        order = np.argsort(np.linalg.norm(train - centre, axis=1), kind="stable")[:3]
+        assert found[cluster] == [keys[i] for i in order]
+    assert found[1][0] == keys[7]

@@ -59,6 +59,19 @@ def test_second_run_recomputes_nothing(reference_run):
     assert {k: v["outputs"] for k, v in before["steps"].items()} == {k: v["outputs"] for k, v in after["steps"].items()}
 
 
+def test_rq1_and_the_clusters_in_words_leave_every_step_up_to_date(reference_run, tmp_path):
+    """-rq True writes rules.csv/descriptions.csv into the clusters' folder: twice in a row, nothing reruns."""
+    case = shutil.copytree(reference_run[0], tmp_path / "case")
+    for attempt in range(2):
+        run = subprocess.run(hudd_cmd(case, "-rq", "True"), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.count("up to date") == 6, (attempt, run.stdout[-2000:])
+    layer = Helper.selected_clusters(Helper.Case(case))[0]
+    described = pd.read_csv(case / "T" / "ClusterAnalysis" / layer / "descriptions.csv", keep_default_na=False)
+    assert described["confusion"].str.contains(" -> ").all()
+    assert described["nearest_training"].str.startswith("TrainingSet/").all()
+
+
 def test_same_seed_gives_identical_results(reference_run, tmp_path):
     case, _ = reference_run
     twin = make_tiny_case(tmp_path / "case")
