@@ -152,8 +152,15 @@ def _words(t_dir, layer):
     descriptions = try_read_table(folder / "descriptions.csv", text=("confusion", "nearest_training"))
     if descriptions is not None and {"cluster", "confusion"} <= set(descriptions.columns):
         for row in descriptions.itertuples():
-            if str(row.confusion):
-                words[int(row.cluster)] = [f"confusion: {_e(row.confusion)}"]
+            lines = [f"confusion: {_e(row.confusion)}"] if str(row.confusion) else []
+            near = [i for i in str(getattr(row, "nearest_training", "")).split(";") if i]
+            source = t_dir.parent / "DataSets"
+            if near:
+                lines.append("nearest training images to the medoid: " + " ".join(
+                    f"<a href=\"{_href(source / i, t_dir)}\"><img class=near src=\"{_href(source / i, t_dir)}\" "
+                    f"alt=\"{_e(i)}\" title=\"{_e(i)}\"></a>" for i in near))
+            if lines:
+                words[int(row.cluster)] = lines
     rules = try_read_table(folder / "rules.csv", text=("rule", "conditions"))
     if rules is not None and {"cluster", "rule", "precision", "recall", "coverage"} <= set(rules.columns):
         for row in rules.itertuples():

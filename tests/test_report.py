@@ -135,12 +135,27 @@ def test_report_before_any_step_says_nothing_computed(tmp_path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make test installs Debian's chromium)")
 def test_report_renders_in_headless_chromium_and_every_image_loads(tmp_path):
-    case, _, _ = build_case(tmp_path)
+    case, _, results = build_case(tmp_path)
+    big = int(np.argmax(results["Layer2"]["sizes"])) + 1
+    near = []
+    for i in range(3):                                   # the cluster's nearest training images, as -rq True finds
+        near.append(f"TrainingSet/Up/near {i}.png")
+        (case / "DataSets" / near[-1]).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (16, 16), (40 * i, 90, 200)).save(case / "DataSets" / near[-1])
+    layer_dir = case / "T" / "ClusterAnalysis" / "Layer2"
+    pd.DataFrame({"cluster": [big], "size": [3], "rule": ["head_yaw > 28.1 and light <= 0.2"], "conditions": ["[]"],
+                  "precision": [0.91], "recall": [0.84], "coverage": [0.062], "matching": [9]}).to_csv(
+        layer_dir / "rules.csv", index=False)
+    pd.DataFrame({"cluster": [big], "size": [3], "confusion": ["Up -> Down 100%"], "medoid": [""],
+                  "nearest_training": [";".join(near)]}).to_csv(layer_dir / "descriptions.csv", index=False)
     dom = chromium_dom(report.write_report(case))
     total = int(re.search(r'data-images="(\d+)"', dom).group(1))
     loaded = int(re.search(r'data-images-loaded="(\d+)"', dom).group(1))
     assert total > 20 and loaded == total
     assert f"All {total} images loaded." in dom
+    block = dom.split(f'id="cluster-{big}"')[1].split("</section>")[0]
+    assert "rule: head_yaw &gt; 28.1 and light &lt;= 0.2" in block and "precision 0.91, recall 0.84" in block
+    assert "confusion: Up -&gt; Down 100%" in block and block.count('class="near"') == 3
     # the check is real: a moved image is reported
     victim = next((case / "T" / "report_assets" / "overlays").glob("*.png"))
     victim.unlink()
