@@ -375,13 +375,11 @@ def rq1(case):
     """RQ1 (-rq True) on the selected layer's clusters: CASE/RQ1.xlsx and RQ1.csv; the summary, or None
     without DataSets/params.csv. Not a cached step: it takes a moment, and clusters need not rerun for it."""
     import clusterModule
-    import report
 
     layer, images, labels = selected_clusters(case)
     summary = clusterModule.write_rq1(case.dir, images, labels, layer=layer)
     if summary:
-        print(clusterModule.format_rq1(summary))
-        report.write_report(case.dir)
+        print(clusterModule.format_rq1(summary))      # the report follows with the clusters in words (explain)
     return summary
 
 
@@ -393,9 +391,9 @@ def explain(case):
     import report
     from clusterModule import CLUSTER_ANALYSIS, read_params
     from common.tables import try_read_table
-    from testModule import read_results
-
     import pandas as pd
+
+    from testModule import read_results
 
     layer, images, labels = selected_clusters(case)
     clusters = pd.DataFrame({"image": images, "cluster": labels})
@@ -403,7 +401,7 @@ def explain(case):
     info = try_read_table(case.t / CLUSTER_ANALYSIS / layer / "cluster_info.csv")
     medoids = dict(zip(info["cluster"], info["medoid"].astype(str))) if info is not None and \
         {"cluster", "medoid"} <= set(info.columns) else None
-    neighbours = _nearest_training(case, layer, images, medoids) if medoids else None
+    neighbours = _nearest_training(case, layer, medoids) if medoids else None
     descriptions = explainModule.describe_clusters(clusters, results, medoids, neighbours)
     params_path = case.datasets / "params.csv"
     rules = None
@@ -421,7 +419,7 @@ def explain(case):
     return lines
 
 
-def _nearest_training(case, layer, images, medoids):
+def _nearest_training(case, layer, medoids):
     """{cluster: the training images nearest to its medoid by the selected layer's heatmaps} (one streamed pass)."""
     import numpy as np
 
@@ -460,6 +458,7 @@ def _step_assign(case):
     import assignModule
     import report
     from common.data import ImageSet, ImageSpec
+    from testModule import errors_of
 
     model, meta = case.model
     if "ImprovementSet" not in case.splits:
@@ -477,8 +476,6 @@ def _step_assign(case):
                                                 progress=case.options.progress, start=start)
     unsafe = assignModule.select_unsafe_set(heatmaps, labels, batches, factor=case.options.assign_factor,
                                             source=case.t / "ClusterAnalysis" / layer / "clusters.csv")
-    from testModule import errors_of
-
     sizes = {int(c): int(n) for c, n in zip(*np.unique(labels, return_counts=True))}
     quality = assignModule.selection_quality(unsafe, errors_of(case.dir / "improveResult.csv"), sizes)
     # Keypoint ground truth of the unsafe set goes to DataSets/ImprovementSet/labels.csv, not a class column.

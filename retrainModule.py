@@ -498,18 +498,17 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
                       scheduler=_scheduler(schedule, epochs))
         if keypoints:
             select_used = "train-loss" if select == "train-accuracy" else select
-            monitor = None
-            if monitor_test:
-                def monitor():
-                    coords, _, _ = testModule.predict_keypoints(model, test_set, device, batch_size, workers,
-                                                                progress=False)
-                    errors = testModule.mean_errors(testModule.keypoint_errors(coords, np.stack(test_targets)))
-                    return {"test_accuracy": float(np.mean(errors <= threshold))}
+
+            def test_errors():
+                coords, _, skipped = testModule.predict_keypoints(model, test_set, device, batch_size, workers,
+                                                                  progress=False)
+                return testModule.mean_errors(testModule.keypoint_errors(coords, np.stack(test_targets))), skipped
+
+            monitor = (lambda: {"test_accuracy": float(np.mean(test_errors()[0] <= threshold))}) \
+                if monitor_test else None
             history = train_keypoints(model, train_set, optimizer=_with_lr(rmsprop, lr), select=select_used,
                                       threshold=threshold, freeze=freeze, monitor=monitor, **common)
-            coords, _, skipped = testModule.predict_keypoints(model, test_set, device, batch_size, workers,
-                                                              progress=False)
-            errors = testModule.mean_errors(testModule.keypoint_errors(coords, np.stack(test_targets)))
+            errors, skipped = test_errors()
             now_correct = np.array([i not in skipped for i in range(len(test_images))]) & (errors <= threshold)
         else:
             select_used = select

@@ -151,10 +151,10 @@ def _words(t_dir, layer):
     words = {}
     descriptions = try_read_table(folder / "descriptions.csv", text=("confusion", "nearest_training"))
     if descriptions is not None and {"cluster", "confusion"} <= set(descriptions.columns):
+        source = t_dir.parent / "DataSets"
         for row in descriptions.itertuples():
             lines = [f"confusion: {_e(row.confusion)}"] if str(row.confusion) else []
             near = [i for i in str(getattr(row, "nearest_training", "")).split(";") if i]
-            source = t_dir.parent / "DataSets"
             if near:
                 lines.append("nearest training images to the medoid: " + " ".join(
                     f"<a href=\"{_href(source / i, t_dir)}\"><img class=near src=\"{_href(source / i, t_dir)}\" "
