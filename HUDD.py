@@ -37,6 +37,17 @@ def nonnegative_int(text):
     return value
 
 
+def perturbation_list(text):
+    import robustnessModule
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in robustnessModule.PERTURBATIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown perturbation {', '.join(unknown) or '(none given)'}; choose from "
+                                         f"{','.join(robustnessModule.PERTURBATIONS)}")
+    return names
+
+
 def parser():
     defaults = Helper.Options()
     p = argparse.ArgumentParser(prog="HUDD.py", description="Heatmap-based Unsupervised Debugging of DNNs.")
@@ -47,8 +58,9 @@ def parser():
                    help="how the retraining images are chosen (default: HUDD)")
     p.add_argument("-rq", dest="rq", type=boolean, default=False, metavar="True|False",
                    help="compute RQ1 from DataSets/params.csv")
-    p.add_argument("-step", dest="step", choices=list(Helper.STEPS),
-                   help="rerun this one step on the cached T/ folder (earlier missing steps run first)")
+    p.add_argument("-step", dest="step", choices=[*Helper.STEPS, "robustness"],
+                   help="rerun this one step on the cached T/ folder (earlier missing steps run first); "
+                        "robustness: perturbation curves and, when asked, perturbed images (see --perturb-*)")
     p.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     p.add_argument("--workers", type=int, default=defaults.workers, help="data-loading processes")
@@ -82,6 +94,17 @@ def parser():
                         "default 4)")
     p.add_argument("--freeze", type=nonnegative_int, default=defaults.freeze,
                    help="keypoint regressors: convolutions frozen when retraining (default 4, the original's; 0 = none)")
+    p.add_argument("--perturbations", type=perturbation_list, default=defaults.perturbations,
+                   help="-step robustness: comma-separated, from brightness,contrast,blur,noise,dead-pixels,"
+                        "occlusion,rotation (default: all; no rotation for keypoint DNNs)")
+    p.add_argument("--levels", type=positive_int, default=defaults.levels,
+                   help="-step robustness: amplitude levels above the clean image (default 5)")
+    p.add_argument("--perturb-improvement", type=nonnegative_int, default=defaults.perturb_improvement,
+                   metavar="N", help="-step robustness: write DataSets/ImprovementSet as N perturbed training images "
+                                     "at the amplitudes where accuracy falls (an existing set is moved aside)")
+    p.add_argument("--perturb-test", type=nonnegative_int, default=defaults.perturb_test, metavar="N",
+                   help="-step robustness: add N perturbed test copies in DataSets/TestSet/<class>/perturbed/ "
+                        "(classifiers), so that clusters, RQ1 and rules name the perturbations")
     p.add_argument("--trust-model", action="store_true", help="allow loading a full pickle (it can run code)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p

@@ -47,6 +47,10 @@ class Options:
     lr: float | None = None     # retraining learning rate; None = the original's 1e-3 (SGD, or RMSprop for keypoints)
     schedule: str = "cosine"    # retraining learning-rate schedule: cosine, or constant (the original's)
     monitor_test: bool = False  # record the test accuracy after every retraining epoch (a diagnosis)
+    perturbations: tuple | None = None  # robustness: which perturbations (None = every one the task allows)
+    levels: int = 5             # robustness: amplitude levels above the clean image
+    perturb_improvement: int = 0  # robustness: write an improvement set of this many perturbed training images
+    perturb_test: int = 0       # robustness: add this many perturbed test copies (classifiers)
 
     def subset(self, names):
         return {name: getattr(self, name) for name in names}
@@ -443,6 +447,80 @@ def _nearest_training(case, layer, medoids):
     return explainModule.nearest_training(centres, batches)
 
 
+def robustness(case):
+    """-step robustness: the curves (T/Robustness/, cached in the manifest like a step, but outside the
+    pipeline's order: nothing depends on them) and, when asked, perturbed images in DataSets/ with
+    their perturbation and amplitude in params.csv. Returns the summary."""
+    import report
+    import robustnessModule as rm
+    from common.data import ImageSpec, Split
+
+    opts = case.options
+    model, meta = case.model
+    names = rm.check_perturbations(opts.perturbations, case.keypoints)
+    if opts.perturb_test and case.keypoints:
+        raise HUDDError("--perturb-test: a keypoint case keeps its test keypoints in DataSets/TestSet/labels.csv, "
+                        "which this tool does not rewrite; build perturbed test images yourself, or leave it out")
+    test = case.splits["TestSet"]
+    clean = [i for i, image in enumerate(test.images) if f"/{rm.PERTURBED_FOLDER}/" not in image]
+    clean_test = Split(test.name, [test.images[i] for i in clean], [test.labels[i] for i in clean], test.classes)
+    out = case.t / rm.ROBUSTNESS
+    inputs = {"model": content_hash(case.model_path), "levels": opts.levels, "seed": opts.seed, "perturbations": names,
+              "threshold": opts.threshold if case.keypoints else None,
+              "test": json_digest([(i, file_fingerprint(case.datasets / i)) for i in clean_test.images])}
+    manifest = case.manifest()
+    record = manifest["steps"].get("robustness")
+    if record and record["inputs"] == inputs and _intact(case, record["outputs"]):
+        print(f"[robustness] curves up to date (cached in {case.t.name}/{rm.ROBUSTNESS}/); skipped")
+        from common.tables import read_table
+        curves = read_table(out / rm.CURVES_FILE, text=("perturbation", "setting"))
+    else:
+        print(f"[robustness] {len(names)} perturbations x {opts.levels} levels on {len(clean_test)} test images")
+        started = time.time()
+        curves = rm.robustness_curves(model, meta, case.datasets, clean_test, names, opts.levels, opts.seed,
+                                      case.device, opts.batch_size, opts.workers, opts.threshold, opts.progress)
+        paths = rm.write_curves(out, curves, case.keypoints)
+        paths.append(rm.write_examples(out / rm.EXAMPLES_FILE, case.datasets, clean_test.images[0],
+                                       ImageSpec.from_meta(meta), names, opts.levels, opts.seed))
+        manifest = case.manifest()
+        manifest["steps"]["robustness"] = {"inputs": inputs, "summary": {},
+                                           "outputs": {str(p.relative_to(case.dir)): _fingerprint(p) for p in paths},
+                                           "seconds": round(time.time() - started, 2),
+                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        case.save_manifest(manifest)
+    summary = {"curves": rm.describe_curves(curves), "ranges": rm.falling_ranges(curves)}
+    written = []
+    spec = ImageSpec.from_meta(meta)
+    if opts.perturb_improvement:
+        train = case.splits["TrainingSet"]
+        names_kp = list(meta["classes"]) if case.keypoints else None
+        sources, new = rm.write_perturbed_improvement(case.datasets, train, spec, curves, opts.perturb_improvement,
+                                                      opts.seed, names_kp, opts.progress)
+        written.append(("ImprovementSet/", sources))
+        summary["improvement_images"] = len(sources)
+        print(f"[robustness] improvement set: {len(sources)} perturbed training images"
+              f"{'' if new else ' (already there; kept)'} in {case.datasets / 'ImprovementSet'}")
+    if opts.perturb_test:
+        sources, new = rm.write_perturbed_test(case.datasets, test, spec, curves, opts.perturb_test, opts.seed,
+                                               opts.progress)
+        written.append(("TestSet/", sources))
+        summary["test_copies"] = len(sources)
+        print(f"[robustness] test set: {len(sources)} perturbed copies{'' if new else ' (already there; kept)'} "
+              f"beside its {len(clean_test)} images")
+    if written:
+        import pandas as pd
+
+        sources = pd.concat([s for _, s in written], ignore_index=True)
+        clean_rows = clean_test.images if opts.perturb_test else ()
+        rows = rm.params_rows(sources, names, clean_rows)
+        prefixes = [p for p, _ in written] if opts.perturb_improvement else []
+        prefixes += [f"TestSet/{c}/{rm.PERTURBED_FOLDER}/" for c in test.classes] if opts.perturb_test else []
+        rm.merge_params(case.datasets / "params.csv", rows, prefixes)
+        case._splits = None
+    report.write_report(case.dir)
+    return summary
+
+
 def selected_clusters(case):
     """The best layer and its clusters: (layer, images, cluster labels) from T/ClusterAnalysis."""
     import clusterModule
@@ -542,6 +620,9 @@ def run(case_dir, model_name="OriginalModel.pth", options=None, step=None, until
         case = Case(case_dir, model_name, options)
         case.lock()
         try:
+            if step == "robustness":
+                where.name = "robustness"
+                return {"robustness": robustness(case)}
             last = step or until or STEPS[-1]
             summaries = {}
             for name in STEPS[: STEPS.index(last) + 1]:
@@ -590,6 +671,16 @@ def summary_text(case_dir, summaries):
                          f"of them errors (improvement set: {100 * assign['base_error_rate']:.0f}%)")
         else:
             lines.append(f"  unsafe set           {assign['unsafe_images']} improvement images to label")
+    robust = summaries.get("robustness")
+    if robust:
+        for i, line in enumerate(robust["curves"]):
+            lines.append(f"  {'robustness' if i == 0 else '':<20} {line}")
+        if robust.get("improvement_images") is not None:
+            lines.append(f"  improvement set      {robust['improvement_images']} perturbed training images "
+                         f"(DataSets/ImprovementSet; perturbation and amplitude in DataSets/params.csv)")
+        if robust.get("test_copies") is not None:
+            lines.append(f"  test set             {robust['test_copies']} perturbed test copies added "
+                         f"(DataSets/TestSet/<class>/perturbed/)")
     retrain = summaries.get("retrain")
     if retrain:
         lines.append(f"  after retraining     {100 * retrain['test_accuracy']:.2f}% "

@@ -325,6 +325,29 @@ window.addEventListener('load', function () {
 </script>"""
 
 
+def _robustness_section(t_dir):
+    """Accuracy per perturbation and amplitude level (-step robustness): a table, a plot per perturbation
+    and one test image at every level."""
+    folder = t_dir / "Robustness"
+    curves = try_read_table(folder / "curves.csv")
+    if curves is None or not {"perturbation", "level", "accuracy"} <= set(curves.columns):
+        return ""
+    order = list(dict.fromkeys(curves["perturbation"]))
+    table = (100 * curves.pivot(index="perturbation", columns="level", values="accuracy")).round(2)
+    table = table.reindex(order).add_prefix("level ").rename_axis(columns=None).reset_index()
+    figures = [folder / f"{name}.png" for name in order if (folder / f"{name}.png").is_file()]
+    html = ("<h2>Robustness</h2><p class=note>Accuracy (%) of the DNN on the clean test set under each perturbation, "
+            "by amplitude level (0 = clean, the last = the strongest); the settings of every level are in "
+            f"<a href=\"{_href(folder / 'curves.csv', t_dir)}\">T/Robustness/curves.csv</a>.</p>" + _table(table))
+    html += "<div class=curves>" + "".join(f"<figure><img src=\"{_href(p, t_dir)}\" alt=\"{_e(p.stem)}\"></figure>"
+                                           for p in figures) + "</div>"
+    examples = folder / "examples.png"
+    if examples.is_file():
+        html += (f"<figure><img src=\"{_href(examples, t_dir)}\" alt=\"perturbation examples\"><figcaption>one test "
+                 f"image at every perturbation and level</figcaption></figure>")
+    return html
+
+
 def write_report(case_dir):
     """Write CASE/T/report.html from whatever the case folder holds now; returns its path."""
     case = Path(case_dir)
@@ -400,6 +423,9 @@ def write_report(case_dir):
             body.append("<h2>RQ2</h2>")
         body.append("<div class=curves>" + "".join(f"<figure><img src=\"{_href(p, t_dir)}\" alt=\"{_e(p.name)}\">"
                                                    f"</figure>" for p in plots) + "</div>")
+    robustness = _robustness_section(t_dir)
+    if robustness:
+        body.append(robustness)
     body.append("<h2>Files</h2>" + _files_section(case, t_dir))
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>HUDD report: {_e(case.resolve().name)}"
             f"</title><style>{STYLE_FILE.read_text(encoding='utf-8')}</style></head><body>{''.join(body)}"
