@@ -63,7 +63,8 @@ def parser():
                         "robustness: perturbation curves and, when asked, perturbed images (see --perturb-*)")
     p.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    p.add_argument("--workers", type=int, default=defaults.workers, help="data-loading processes")
+    p.add_argument("--workers", type=int, default=defaults.workers,
+                   help="local engine: data-loading processes; ray engine: actors (0 = one per CPU or GPU)")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--rule", default=defaults.rule, help="LRP rule preset: hudd, hudd-compat, epsilon, composite")
     p.add_argument("--heatmap-dtype", choices=["float32", "float16"], default=defaults.heatmap_dtype)
@@ -94,6 +95,12 @@ def parser():
                         "default 4)")
     p.add_argument("--freeze", type=nonnegative_int, default=defaults.freeze,
                    help="keypoint regressors: convolutions frozen when retraining (default 4, the original's; 0 = none)")
+    p.add_argument("--engine", choices=["local", "ray"], default=defaults.engine,
+                   help="how the test step's inference and the assign step's improvement heatmaps run: local (this "
+                        "process) or ray (Ray Data actors; --workers actors, 0 = one per CPU or GPU)")
+    p.add_argument("--ray-address", default=defaults.ray_address,
+                   help="--engine ray: auto or HOST:PORT or ray://HOST:PORT joins a running cluster (default: start "
+                        "Ray on this machine)")
     p.add_argument("--perturbations", type=perturbation_list, default=defaults.perturbations,
                    help="-step robustness: comma-separated, from brightness,contrast,blur,noise,dead-pixels,"
                         "occlusion,rotation (default: all; no rotation for keypoint DNNs)")

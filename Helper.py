@@ -47,6 +47,8 @@ class Options:
     lr: float | None = None     # retraining learning rate; None = the original's 1e-3 (SGD, or RMSprop for keypoints)
     schedule: str = "cosine"    # retraining learning-rate schedule: cosine, or constant (the original's)
     monitor_test: bool = False  # record the test accuracy after every retraining epoch (a diagnosis)
+    engine: str = "local"       # how per-image work runs: local (this process) or ray (Ray Data actors)
+    ray_address: str | None = None  # --engine ray: None starts Ray here; auto or HOST:PORT joins a cluster
     perturbations: tuple | None = None  # robustness: which perturbations (None = every one the task allows)
     levels: int = 5             # robustness: amplitude levels above the clean image
     perturb_improvement: int = 0  # robustness: write an improvement set of this many perturbed training images
@@ -82,7 +84,7 @@ class Case:
         self.t = self.dir / "T"
         self.datasets = self.dir / "DataSets"
         self.model_path = models.resolve_model_path(self.dir, model_name)
-        self._model = self._splits = self._classes = self._loaded = None
+        self._model = self._splits = self._classes = self._loaded = self._engine = None
         self._lock = None
 
     # --- what the steps share -------------------------------------------------------------
@@ -129,6 +131,20 @@ class Case:
                                 f"models.save_model(..., input_size=(C, H, W), mean=..., std=...)")
             self._model = (model, meta)
         return self._model
+
+    @property
+    def engine(self):
+        """The engine of the per-image work (engines.make_engine), started on first use."""
+        if self._engine is None:
+            from engines import make_engine
+
+            self._engine = make_engine(self.options.engine, self.options.ray_address, self.options.workers)
+        return self._engine
+
+    def close(self):
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     @property
     def device(self):
@@ -270,10 +286,11 @@ def _step_test(case):
     if case.keypoints:
         frames = testModule.write_keypoint_results(case.dir, case.splits, model, meta, case.device,
                                                    case.options.batch_size, case.options.workers,
-                                                   case.options.progress, case.options.threshold)
+                                                   case.options.progress, case.options.threshold, case.engine)
     else:
         frames = testModule.write_results(case.dir, case.splits, model, meta, meta["classes"], case.device,
-                                          case.options.batch_size, case.options.workers, case.options.progress)
+                                          case.options.batch_size, case.options.workers, case.options.progress,
+                                          case.engine)
     outputs = [case.dir / testModule.RESULT_FILES[name] for name in frames] + [case.t / "skipped.csv"]
     test = frames["TestSet"]
     summary = {"test_accuracy": testModule.accuracy_of(test), "test_images": len(test),
@@ -489,13 +506,13 @@ def robustness(case):
                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         case.save_manifest(manifest)
     summary = {"curves": rm.describe_curves(curves), "ranges": rm.falling_ranges(curves)}
-    written = []
+    written, moved = [], False
     spec = ImageSpec.from_meta(meta)
     if opts.perturb_improvement:
         train = case.splits["TrainingSet"]
         names_kp = list(meta["classes"]) if case.keypoints else None
-        sources, new = rm.write_perturbed_improvement(case.datasets, train, spec, curves, opts.perturb_improvement,
-                                                      opts.seed, names_kp, opts.progress)
+        sources, new, moved = rm.write_perturbed_improvement(case.datasets, train, spec, curves,
+                                                             opts.perturb_improvement, opts.seed, names_kp, opts.progress)
         written.append(("ImprovementSet/", sources))
         summary["improvement_images"] = len(sources)
         print(f"[robustness] improvement set: {len(sources)} perturbed training images"
@@ -513,9 +530,10 @@ def robustness(case):
         sources = pd.concat([s for _, s in written], ignore_index=True)
         clean_rows = clean_test.images if opts.perturb_test else ()
         rows = rm.params_rows(sources, names, clean_rows)
-        prefixes = [p for p, _ in written] if opts.perturb_improvement else []
+        prefixes = ["ImprovementSet/"] if opts.perturb_improvement else []
         prefixes += [f"TestSet/{c}/{rm.PERTURBED_FOLDER}/" for c in test.classes] if opts.perturb_test else []
-        rm.merge_params(case.datasets / "params.csv", rows, prefixes)
+        aside = {"ImprovementSet/": f"{rm.MOVED_ASIDE}/"} if opts.perturb_improvement and moved else None
+        rm.merge_params(case.datasets / "params.csv", rows, prefixes, aside)
         case._splits = None
     report.write_report(case.dir)
     return summary
@@ -549,11 +567,14 @@ def _step_assign(case):
     start = None
     if case.keypoints:      # no ground truth for improvement images: the least peaked keypoint map
         from testModule import least_peaked_start as start
-    batches = assignModule.improvement_heatmaps(model, dataset, layer, case.options.batch_size, case.device,
-                                                rule=case.options.rule, workers=case.options.workers,
-                                                progress=case.options.progress, start=start)
-    unsafe = assignModule.select_unsafe_set(heatmaps, labels, batches, factor=case.options.assign_factor,
-                                            source=case.t / "ClusterAnalysis" / layer / "clusters.csv")
+    assignModule._check_clusters(heatmaps, labels, case.t / "ClusterAnalysis" / layer / "clusters.csv")
+    keys, cluster_ids, distances = case.engine.distances(model, dataset, layer, heatmaps, labels, case.options.batch_size,
+                                                         case.device, rule=case.options.rule,
+                                                         workers=case.options.workers, progress=case.options.progress,
+                                                         start=start)
+    if len(set(keys)) != len(keys):
+        raise HUDDError("improvement set: an image key appears twice; key images by their path under DataSets/")
+    unsafe = assignModule.select_closest(keys, cluster_ids, distances, labels, factor=case.options.assign_factor)
     sizes = {int(c): int(n) for c, n in zip(*np.unique(labels, return_counts=True))}
     quality = assignModule.selection_quality(unsafe, errors_of(case.dir / "improveResult.csv"), sizes)
     # Keypoint ground truth of the unsafe set goes to DataSets/ImprovementSet/labels.csv, not a class column.
@@ -616,6 +637,8 @@ class stage:
 def run(case_dir, model_name="OriginalModel.pth", options=None, step=None, until=None):
     """Run the whole pipeline (or one step, forced, after any missing earlier step); return summaries."""
     options = options or Options()
+    if options.ray_address and options.engine != "ray":
+        raise HUDDError(f"--ray-address {options.ray_address}: only used with --engine ray; add --engine ray or drop it")
     with stage(case_dir, "setup") as where:
         case = Case(case_dir, model_name, options)
         case.lock()
@@ -638,6 +661,7 @@ def run(case_dir, model_name="OriginalModel.pth", options=None, step=None, until
                     summaries[name] = {**summaries[name], "rules": explain(case)}
             return summaries
         finally:
+            case.close()
             case.unlock()
 
 

@@ -170,8 +170,16 @@ def select_unsafe_set(cluster_heatmaps, cluster_labels, improvement_batches, fac
     cluster_heatmaps: (N, ...) heatmaps of the test error images at the selected layer;
     cluster_labels: (N,) their cluster ids; improvement_batches: iterable of (image keys, heatmaps (n, ...)).
     """
-    _, _, _, sizes = _check_clusters(cluster_heatmaps, cluster_labels, source)
+    _check_clusters(cluster_heatmaps, cluster_labels, source)
     keys, cluster_ids, distances = cluster_distances(cluster_heatmaps, cluster_labels, improvement_batches)
+    return select_closest(keys, cluster_ids, distances, cluster_labels, factor)
+
+
+def select_closest(keys, cluster_ids, distances, cluster_labels, factor=DEFAULT_FACTOR):
+    """The unsafe set from distances already computed (by either engine): quotas from the clusters' sizes
+    in `cluster_labels`, then greedy_assign."""
+    ids, counts = np.unique(np.asarray(cluster_labels), return_counts=True)
+    sizes = dict(zip(ids.tolist(), counts.tolist()))
     quotas = cluster_quotas({int(c): sizes[int(c)] for c in cluster_ids}, factor)
     return greedy_assign(keys, cluster_ids, distances, quotas)
 

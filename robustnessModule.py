@@ -428,7 +428,8 @@ def write_perturbed_improvement(datasets_dir, split, spec, curves, n, seed=0, ke
 
     An improvement set this tool did not write is moved aside to DataSets/ImprovementSet.before-perturb,
     never deleted. The new one is written beside and renamed into place, so a killed run leaves the old
-    one. Returns (sources table, written): written is False when the same set is already there.
+    one. Returns (sources table, written, moved): written is False when the same set is already there,
+    moved is True when an improvement set of the user's went to ImprovementSet.before-perturb just now.
     """
     datasets_dir = Path(datasets_dir)
     ranges = falling_ranges(curves)
@@ -439,13 +440,15 @@ def write_perturbed_improvement(datasets_dir, split, spec, curves, n, seed=0, ke
     sources_path = target / SOURCES_FILE
     if record.get("improvement") == identity and sources_path.is_file():
         from common.tables import read_table
-        return read_table(sources_path, text=("image", "source", "perturbation", "label")), False
+        return read_table(sources_path, text=("image", "source", "perturbation", "label")), False, False
+    moved = False
     if target.exists() and "improvement" not in record:
         aside = datasets_dir / MOVED_ASIDE
         if aside.exists():
             raise HUDDError(f"{target}: would be replaced by a perturbed improvement set, but {aside} exists already; "
                             f"move one of them away first")
         target.rename(aside)
+        moved = True
         print(f"[robustness] the improvement set you had is kept in {aside}")
     plan = plan_images(n, len(split.images), ranges, seed, "improvement")
     staging = datasets_dir / ".ImprovementSet.partial"
@@ -475,7 +478,7 @@ def write_perturbed_improvement(datasets_dir, split, spec, curves, n, seed=0, ke
     staging.rename(target)
     record["improvement"] = identity
     write_json(datasets_dir / RECORD_FILE, record)
-    return sources.drop(columns=["label"]), True
+    return sources.drop(columns=["label"]), True, moved
 
 
 def write_perturbed_test(datasets_dir, split, spec, curves, n, seed=0, progress=True):
@@ -521,30 +524,36 @@ def params_rows(sources, perturbations, clean_images=()):
     return frame
 
 
-def merge_params(params_path, rows, replace_prefixes):
+def merge_params(params_path, rows, replace_prefixes, moved=None):
     """Write `rows` (with a column 'source') into DataSets/params.csv and return the table written.
 
-    Rows of images under `replace_prefixes` (e.g. 'ImprovementSet/': the set just replaced) go; every
-    other row and column stays. A perturbed image inherits the parameters of its source image (a
-    simulator's, when the case has them), so the conditions it was rendered in stay known.
+    Rows of images under `replace_prefixes` (e.g. 'ImprovementSet/': the set just replaced) go, or, when
+    `moved` maps such a prefix to another ('ImprovementSet/' -> 'ImprovementSet.before-perturb/'), follow
+    their images there; every other row and column stays. A perturbed image inherits the parameters of
+    its source image (a simulator's, when the case has them), so the conditions it was rendered in stay known.
     """
     from clusterModule import read_params
 
     params_path = Path(params_path)
     new = rows.drop(columns=["source"]).set_index("image")
-    if params_path.is_file():
-        old = read_params(params_path)
-        old = old.assign(image=old["image"].astype(str))
-        old = old[~old["image"].str.startswith(tuple(replace_prefixes))].drop_duplicates("image").set_index("image")
-        inherited = old.reindex(rows["source"].astype(str)).set_axis(rows["image"], axis=0)
-        inherited = inherited.drop(columns=[c for c in new.columns if c in inherited.columns])
-        new = pd.concat([new, inherited], axis=1)
-        rest = old.drop(index=[i for i in new.index if i in old.index])
-        both = new.combine_first(old.loc[old.index.intersection(new.index)])
-        merged = pd.concat([rest, both], sort=False)
-        merged = merged[list(old.columns) + [c for c in merged.columns if c not in old.columns]]
-    else:
+    if not params_path.is_file():
         merged = new
+    else:
+        old = read_params(params_path)
+        old = old.assign(image=old["image"].astype(str)).drop_duplicates("image")
+        for before, after in (moved or {}).items():
+            old["image"] = old["image"].where(~old["image"].str.startswith(before),
+                                              after + old["image"].str.slice(len(before)))
+        old = old[~old["image"].str.startswith(tuple(replace_prefixes))].set_index("image")
+        known = old.index.intersection(rows["source"].astype(str))
+        source_of = rows.set_index("image")["source"].astype(str)
+        for column in old.columns:
+            if column not in new.columns:
+                values = old[column].reindex(source_of.where(source_of.isin(known)).to_numpy())
+                new[column] = values.to_numpy()
+        rest = old.drop(index=old.index.intersection(new.index))
+        merged = pd.concat([rest, new], sort=False)
+        merged = merged[list(old.columns) + [c for c in merged.columns if c not in old.columns]]
     merged = merged.rename_axis("image").reset_index()
     write_csv(params_path, merged)
     return merged

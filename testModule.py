@@ -109,22 +109,41 @@ def _write_all(outputs):
                             f"folder somewhere writable or fix its permissions") from None
 
 
-def write_results(case_dir, splits, model, meta, classes, device, batch_size=64, workers=0, progress=True):
+def _one_pass(splits, run):
+    """Run `run(images)` once over every split's images (one pass: one pool of workers on the Ray engine) and
+    cut its outputs (arrays, then {index: reason}) back into {split name: (arrays..., skipped)}."""
+    images = [image for split in splits.values() for image in split.images]
+    *arrays, skipped = run(images)
+    cut, start = {}, 0
+    for name, split in splits.items():
+        end = start + len(split)
+        cut[name] = (*(a[start:end] for a in arrays), {i - start: r for i, r in skipped.items() if start <= i < end})
+        start = end
+    return cut
+
+
+def write_results(case_dir, splits, model, meta, classes, device, batch_size=64, workers=0, progress=True,
+                  engine=None):
     """Write trainResult.csv, testResult.csv and improveResult.csv; unreadable images go to T/skipped.csv.
 
     Returns {split name: DataFrame}. A corrupt or truncated image is skipped (listed with its reason),
     not fatal: a run over tens of thousands of images must not die at the last one. Nothing is written
     until every split has been predicted, so bad input in any split leaves the earlier files untouched.
+    `engine` (engines.make_engine) runs the inference; None is the local one.
     """
+    from engines import LocalEngine
+
+    engine = engine or LocalEngine()
     case_dir = Path(case_dir)
     spec = ImageSpec.from_meta(meta)
     datasets = case_dir / "DataSets"
     check_writable(case_dir, *(RESULT_FILES[name] for name in splits))
     check_output_count(model, meta, classes, device)
     frames, skipped_rows = {}, []
+    passes = _one_pass(splits, lambda images: engine.logits(model, ImageSet(datasets, images, spec), device, batch_size,
+                                                            workers, desc="test", progress=progress))
     for name, split in splits.items():
-        dataset = ImageSet(datasets, split.images, spec)
-        logits, skipped = predict(model, dataset, device, batch_size, workers, desc=f"test {name}", progress=progress)
+        logits, skipped = passes[name]
         keep = [i for i in range(len(split)) if i not in skipped]
         skipped_rows += [(split.images[i], reason) for i, reason in sorted(skipped.items())]
         if not keep:
@@ -359,16 +378,20 @@ def predicted_columns(names):
 
 
 def write_keypoint_results(case_dir, splits, model, meta, device, batch_size=64, workers=0, progress=True,
-                           threshold=DEFAULT_THRESHOLD):
+                           threshold=DEFAULT_THRESHOLD, engine=None):
     """write_results for a keypoint regressor: the FLD columns (keypoint_frame) per split."""
+    from engines import LocalEngine
+
+    engine = engine or LocalEngine()
     case_dir = Path(case_dir)
     spec = ImageSpec.from_meta(meta)
     datasets = case_dir / "DataSets"
     names, components = list(meta["classes"]), keypoint_components(meta)
     frames, skipped_rows = {}, []
+    passes = _one_pass(splits, lambda images: engine.keypoints(model, ImageSet(datasets, images, spec), device,
+                                                               batch_size, workers, desc="test", progress=progress))
     for name, split in splits.items():
-        coords, _, skipped = predict_keypoints(model, ImageSet(datasets, split.images, spec), device, batch_size,
-                                               workers, desc=f"test {name}", progress=progress)
+        coords, _, skipped = passes[name]
         keep = [i for i in range(len(split)) if i not in skipped]
         skipped_rows += [(split.images[i], reason) for i, reason in sorted(skipped.items())]
         if not keep:
