@@ -69,6 +69,10 @@ def parser():
     p.add_argument("--freeze", type=nonnegative_int, default=defaults.freeze,
                    help="keypoint regressors: convolutions frozen when retraining (default 4, the original's)")
     p.add_argument("--trust-model", action="store_true", help="allow loading a full pickle (it can run code)")
+    p.add_argument("--engine", choices=["local", "ray"], default=defaults.engine,
+                   help="how the pipeline's test and assign steps run: local, or ray (Ray Data actors)")
+    p.add_argument("--ray-address", default=defaults.ray_address,
+                   help="--engine ray: auto or HOST:PORT joins a running cluster (default: start Ray here)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -79,7 +83,8 @@ def pipeline_options(args):
                           rule=args.rule, assign_factor=args.assign_factor, epochs=args.epochs, reps=args.reps,
                           baseline_budget_factor=args.baseline_budget_factor, select=args.select,
                           threshold=args.threshold, freeze=args.freeze, lr=args.lr, schedule=args.schedule,
-                          monitor_test=args.monitor_test, trust_model=args.trust_model, progress=not args.no_progress)
+                          monitor_test=args.monitor_test, trust_model=args.trust_model, progress=not args.no_progress,
+                          engine=args.engine, ray_address=args.ray_address)
 
 
 def run(args):
