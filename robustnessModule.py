@@ -36,6 +36,7 @@ SOURCES_FILE = "perturbations.csv"   # beside the written images: image, source,
 PERTURBED_FOLDER = "perturbed"       # TestSet/<class>/perturbed/: the added perturbed test copies
 MOVED_ASIDE = "ImprovementSet.before-perturb"
 DEFAULT_LEVELS = 5
+DECODED_BYTES = 1 << 30              # test images up to 1 GB decoded are kept in memory between passes
 MIN_DROP = 0.02                      # a perturbation "falls" once accuracy is 2 points below the clean one
 CURVE_COLUMNS = ["perturbation", "level", "amplitude", "setting", "images", "errors", "accuracy", "drop",
                  "mean_error"]
@@ -213,6 +214,21 @@ class PerturbedSet(torch.utils.data.Dataset):
         return (image - self.mean) / self.std, target, index, error
 
 
+class DecodedSet(torch.utils.data.Dataset):
+    """An ImageSet's items decoded once and kept: every perturbed pass of the curves then starts from
+    memory instead of decoding each file again (a third to a half of a pass on small images)."""
+
+    def __init__(self, base):
+        self.spec = base.spec
+        self.items = [base[i] for i in range(len(base))]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        return self.items[index]
+
+
 # ----------------------------------------------------------------------------------------------
 # the curves
 
@@ -254,6 +270,8 @@ def robustness_curves(model, meta, datasets_dir, split, perturbations=None, leve
         raise HUDDError(f"{split.name}: no images to measure robustness on")
     spec = ImageSpec.from_meta(meta)
     base = ImageSet(datasets_dir, split.images, spec)
+    if len(base) * spec.channels * spec.height * spec.width * 4 <= DECODED_BYTES:
+        base = DecodedSet(base)
     amps = amplitudes(levels)
     shape = (spec.channels, spec.height, spec.width)
     passes = [(None, 0)] + [(name, level) for name in names for level in range(1, len(amps))]
