@@ -470,17 +470,13 @@ def robustness(case):
     their perturbation and amplitude in params.csv. Returns the summary."""
     import report
     import robustnessModule as rm
-    from common.data import ImageSpec, Split
+    from common.data import ImageSpec
 
     opts = case.options
     model, meta = case.model
     names = rm.check_perturbations(opts.perturbations, case.keypoints)
-    if opts.perturb_test and case.keypoints:
-        raise HUDDError("--perturb-test: a keypoint case keeps its test keypoints in DataSets/TestSet/labels.csv, "
-                        "which this tool does not rewrite; build perturbed test images yourself, or leave it out")
-    test = case.splits["TestSet"]
-    clean = [i for i, image in enumerate(test.images) if f"/{rm.PERTURBED_FOLDER}/" not in image]
-    clean_test = Split(test.name, [test.images[i] for i in clean], [test.labels[i] for i in clean], test.classes)
+    rm.check_perturb_test(opts.perturb_test, case.keypoints)
+    clean_test = rm.clean_split(case.splits["TestSet"])
     out = case.t / rm.ROBUSTNESS
     inputs = {"model": content_hash(case.model_path), "levels": opts.levels, "seed": opts.seed, "perturbations": names,
               "threshold": opts.threshold if case.keypoints else None,
@@ -506,34 +502,10 @@ def robustness(case):
                                            "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         case.save_manifest(manifest)
     summary = {"curves": rm.describe_curves(curves), "ranges": rm.falling_ranges(curves)}
-    written, moved = [], False
-    spec = ImageSpec.from_meta(meta)
-    if opts.perturb_improvement:
-        train = case.splits["TrainingSet"]
-        names_kp = list(meta["classes"]) if case.keypoints else None
-        sources, new, moved = rm.write_perturbed_improvement(case.datasets, train, spec, curves,
-                                                             opts.perturb_improvement, opts.seed, names_kp, opts.progress)
-        written.append(("ImprovementSet/", sources))
-        summary["improvement_images"] = len(sources)
-        print(f"[robustness] improvement set: {len(sources)} perturbed training images"
-              f"{'' if new else ' (already there; kept)'} in {case.datasets / 'ImprovementSet'}")
-    if opts.perturb_test:
-        sources, new = rm.write_perturbed_test(case.datasets, test, spec, curves, opts.perturb_test, opts.seed,
-                                               opts.progress)
-        written.append(("TestSet/", sources))
-        summary["test_copies"] = len(sources)
-        print(f"[robustness] test set: {len(sources)} perturbed copies{'' if new else ' (already there; kept)'} "
-              f"beside its {len(clean_test)} images")
-    if written:
-        import pandas as pd
-
-        sources = pd.concat([s for _, s in written], ignore_index=True)
-        clean_rows = clean_test.images if opts.perturb_test else ()
-        rows = rm.params_rows(sources, names, clean_rows)
-        prefixes = ["ImprovementSet/"] if opts.perturb_improvement else []
-        prefixes += [f"TestSet/{c}/{rm.PERTURBED_FOLDER}/" for c in test.classes] if opts.perturb_test else []
-        aside = {"ImprovementSet/": f"{rm.MOVED_ASIDE}/"} if opts.perturb_improvement and moved else None
-        rm.merge_params(case.datasets / "params.csv", rows, prefixes, aside)
+    if opts.perturb_improvement or opts.perturb_test:
+        summary.update(rm.write_perturbed_images(case.datasets, case.splits, ImageSpec.from_meta(meta), curves, names,
+                                                 opts.perturb_improvement, opts.perturb_test, opts.seed,
+                                                 list(meta["classes"]) if case.keypoints else None, opts.progress))
         case._splits = None
     report.write_report(case.dir)
     return summary

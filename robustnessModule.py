@@ -505,9 +505,9 @@ def write_perturbed_test(datasets_dir, split, spec, curves, n, seed=0, progress=
     by this tool are replaced. Returns (sources table, written)."""
     datasets_dir = Path(datasets_dir)
     ranges = falling_ranges(curves)
-    clean = [i for i, image in enumerate(split.images) if f"/{PERTURBED_FOLDER}/" not in image]
+    clean_test = clean_split(split)
     identity = {"n": int(n), "seed": int(seed), "ranges": {k: list(v) for k, v in ranges.items()},
-                "source_images": len(clean)}
+                "source_images": len(clean_test)}
     record = read_record(datasets_dir)
     sources_path = datasets_dir / "TestSet" / SOURCES_FILE
     if record.get("test") == identity and sources_path.is_file():
@@ -517,17 +517,57 @@ def write_perturbed_test(datasets_dir, split, spec, curves, n, seed=0, progress=
         shutil.rmtree(datasets_dir / "TestSet" / cls / PERTURBED_FOLDER, ignore_errors=True)
     record.pop("test", None)
     write_json(datasets_dir / RECORD_FILE, record)
-    clean_split = type(split)(split.name, [split.images[i] for i in clean], [split.labels[i] for i in clean],
-                              split.classes)
-    plan = plan_images(n, len(clean), ranges, seed, "test")
+    plan = plan_images(n, len(clean_test), ranges, seed, "test")
     width = len(str(n - 1))
-    sources = render_images(datasets_dir, clean_split, spec, plan, seed, "test",
+    sources = render_images(datasets_dir, clean_test, spec, plan, seed, "test",
                             lambda i, row, label: f"TestSet/{label}/{PERTURBED_FOLDER}/t{i:0{width}d}.png", progress)
     sources = sources.drop(columns=["label"])
     write_csv(sources_path, sources)
     record["test"] = identity
     write_json(datasets_dir / RECORD_FILE, record)
     return sources, True
+
+
+def clean_split(split):
+    """The split without the perturbed copies this tool added (TestSet/<class>/perturbed/)."""
+    keep = [i for i, image in enumerate(split.images) if f"/{PERTURBED_FOLDER}/" not in image]
+    return type(split)(split.name, [split.images[i] for i in keep], [split.labels[i] for i in keep], split.classes)
+
+
+def check_perturb_test(n_test, keypoints):
+    """Perturbed test copies are for classifiers: a keypoint case's test labels are the user's file."""
+    if n_test and keypoints:
+        raise HUDDError("--perturb-test: a keypoint case keeps its test keypoints in DataSets/TestSet/labels.csv, "
+                        "which this tool does not rewrite; build perturbed test images yourself, or leave it out")
+
+
+def write_perturbed_images(datasets_dir, splits, spec, curves, perturbations, n_improvement=0, n_test=0, seed=0,
+                           keypoint_names=None, progress=True):
+    """--perturb-improvement and --perturb-test: the perturbed images, then their params.csv rows.
+    Returns what the run's summary says about them."""
+    check_perturb_test(n_test, keypoint_names is not None)
+    summary, written, prefixes, moved = {}, [], [], False
+    test = splits["TestSet"]
+    if n_improvement:
+        sources, new, moved = write_perturbed_improvement(datasets_dir, splits["TrainingSet"], spec, curves,
+                                                          n_improvement, seed, keypoint_names, progress)
+        written.append(sources)
+        prefixes.append("ImprovementSet/")
+        summary["improvement_images"] = len(sources)
+        print(f"[robustness] improvement set: {len(sources)} perturbed training images"
+              f"{'' if new else ' (already there; kept)'} in {Path(datasets_dir) / 'ImprovementSet'}")
+    if n_test:
+        sources, new = write_perturbed_test(datasets_dir, test, spec, curves, n_test, seed, progress)
+        written.append(sources)
+        prefixes += [f"TestSet/{c}/{PERTURBED_FOLDER}/" for c in test.classes]
+        summary["test_copies"] = len(sources)
+        print(f"[robustness] test set: {len(sources)} perturbed copies{'' if new else ' (already there; kept)'} "
+              f"beside its {len(clean_split(test))} images")
+    rows = params_rows(pd.concat(written, ignore_index=True), perturbations,
+                       clean_split(test).images if n_test else ())
+    aside = {"ImprovementSet/": f"{MOVED_ASIDE}/"} if moved else None
+    merge_params(Path(datasets_dir) / "params.csv", rows, prefixes, aside)
+    return summary
 
 
 def params_rows(sources, perturbations, clean_images=()):
