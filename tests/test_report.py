@@ -135,7 +135,7 @@ def test_report_before_any_step_says_nothing_computed(tmp_path):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (make test installs Debian's chromium)")
 def test_report_renders_in_headless_chromium_and_every_image_loads(tmp_path):
-    case, _, results = build_case(tmp_path)
+    case, keys, results = build_case(tmp_path)
     big = int(np.argmax(results["Layer2"]["sizes"])) + 1
     near = []
     for i in range(3):                                   # the cluster's nearest training images, as -rq True finds
@@ -148,7 +148,21 @@ def test_report_renders_in_headless_chromium_and_every_image_loads(tmp_path):
         layer_dir / "rules.csv", index=False)
     pd.DataFrame({"cluster": [big], "size": [3], "confusion": ["Up -> Down 100%"], "medoid": [""],
                   "nearest_training": [";".join(near)]}).to_csv(layer_dir / "descriptions.csv", index=False)
+    import robustnessModule as rm
+    from common.data import ImageSpec
+
+    curves = pd.DataFrame([{"perturbation": name, "level": level, "amplitude": level / 2, "setting": "s",
+                            "images": 40, "errors": errors, "accuracy": 1 - errors / 40, "drop": (errors - 4) / 40,
+                            "mean_error": np.nan}
+                           for name, steps in (("blur", (4, 9, 31)), ("noise", (4, 6, 13))) for level, errors in
+                           enumerate(steps)])
+    rm.write_curves(case / "T" / "Robustness", curves)
+    rm.write_examples(case / "T" / "Robustness" / "examples.png", case / "DataSets", keys[0],
+                      ImageSpec(3, 16, 16, (0.5,) * 3, (0.5,) * 3), ["blur", "noise"], 2)
     dom = chromium_dom(report.write_report(case))
+    robustness = dom.split("<h2>Robustness</h2>")[1].split("<h2>")[0]
+    assert "<td>blur</td>" in robustness and "<td>22.5</td>" in robustness and "<td>67.5</td>" in robustness
+    assert robustness.count("<img") == 3                 # a plot per perturbation and the examples
     total = int(re.search(r'data-images="(\d+)"', dom).group(1))
     loaded = int(re.search(r'data-images-loaded="(\d+)"', dom).group(1))
     assert total > 20 and loaded == total
