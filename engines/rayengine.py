@@ -143,8 +143,11 @@ class RayEngine:
                     raise HUDDError(f"--ray-address {address}: {first}; start the cluster (ray start --head) or "
                                     f"leave --ray-address out to start Ray on this machine") from None
             self.started = True
+        import logging
+
         import ray.data
 
+        logging.getLogger("ray.data").setLevel(logging.ERROR)     # a line per pipeline is noise in a HUDD run
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False
         resources = ray.cluster_resources()
