@@ -130,7 +130,7 @@ class RayEngine:
         if not ray.is_initialized():
             options = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
             if address in (None, "", "local"):
-                ray.init(num_cpus=os.cpu_count(), runtime_env={"env_vars": env}, **options)
+                ray.init(num_cpus=max(os.cpu_count() or 1, int(workers or 0)), runtime_env={"env_vars": env}, **options)
             else:
                 if address != "auto":
                     _reachable(address)
@@ -152,7 +152,12 @@ class RayEngine:
         context.enable_progress_bars = False
         resources = ray.cluster_resources()
         self.gpus = int(resources.get("GPU", 0))
-        self.workers = int(workers) if workers and workers > 0 else max(1, self.gpus or int(resources.get("CPU", 1)))
+        slots = max(1, self.gpus or int(resources.get("CPU", 1)))
+        self.workers = int(workers) if workers and workers > 0 else slots
+        if self.workers > slots:        # more actors than the cluster can place would wait forever
+            print(f"[ray] --workers {self.workers}: the cluster has room for {slots} (one {'GPU' if self.gpus else 'CPU'} "
+                  f"each); using {slots}")
+            self.workers = slots
 
     def close(self):
         if self.started and self.ray.is_initialized():
