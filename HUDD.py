@@ -41,11 +41,10 @@ def perturbation_list(text):
     import robustnessModule
 
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in robustnessModule.PERTURBATIONS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown perturbation {', '.join(unknown) or '(none given)'}; choose from "
-                                         f"{','.join(robustnessModule.PERTURBATIONS)}")
-    return names
+    try:
+        return tuple(robustnessModule.check_perturbations(names))
+    except HUDDError as exc:
+        raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
 
 
 def parser():

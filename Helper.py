@@ -539,7 +539,7 @@ def _step_assign(case):
     start = None
     if case.keypoints:      # no ground truth for improvement images: the least peaked keypoint map
         from testModule import least_peaked_start as start
-    assignModule._check_clusters(heatmaps, labels, case.t / "ClusterAnalysis" / layer / "clusters.csv")
+    assignModule.check_clusters(heatmaps, labels, case.t / "ClusterAnalysis" / layer / "clusters.csv")
     keys, cluster_ids, distances = case.engine.distances(model, dataset, layer, heatmaps, labels, case.options.batch_size,
                                                          case.device, rule=case.options.rule,
                                                          workers=case.options.workers, progress=case.options.progress,

@@ -41,7 +41,11 @@ def _as_rows(array, name):
     return array.reshape(array.shape[0], -1)
 
 
-def _check_clusters(cluster_heatmaps, cluster_labels, source="cluster labels"):
+def check_clusters(cluster_heatmaps, cluster_labels, source="cluster labels"):
+    """Validated (members as rows, labels, ids of the clusters with 2+ members, {id: size}).
+
+    Every engine calls it before any image is read, so bad clusters fail before minutes of LRP.
+    """
     members = _as_rows(cluster_heatmaps, "cluster heatmaps")
     labels = np.asarray(cluster_labels)
     if labels.shape != (members.shape[0],):
@@ -58,7 +62,7 @@ def _check_clusters(cluster_heatmaps, cluster_labels, source="cluster labels"):
     return members, labels, kept, dict(zip(ids.tolist(), sizes.tolist()))
 
 
-class _SingleLinkage:
+class SingleLinkage:
     """Smallest Euclidean distance from a batch of heatmaps to the members of each cluster, by matrix products.
 
     Members and batches are centred on the members' mean first: the distances do not change, and
@@ -103,8 +107,8 @@ def cluster_distances(cluster_heatmaps, cluster_labels, improvement_batches):
     Returns (keys, cluster_ids, distances (M, K)); singleton clusters are left out (the original
     treated them as noise). Only the (M, K) distances are kept while the batches stream past.
     """
-    members, labels, cluster_ids, _ = _check_clusters(cluster_heatmaps, cluster_labels)
-    linkage = _SingleLinkage(members, labels, cluster_ids)
+    members, labels, cluster_ids, _ = check_clusters(cluster_heatmaps, cluster_labels)
+    linkage = SingleLinkage(members, labels, cluster_ids)
     keys, blocks = [], []
     for batch_keys, batch in improvement_batches:
         batch_keys = list(batch_keys)
@@ -170,7 +174,7 @@ def select_unsafe_set(cluster_heatmaps, cluster_labels, improvement_batches, fac
     cluster_heatmaps: (N, ...) heatmaps of the test error images at the selected layer;
     cluster_labels: (N,) their cluster ids; improvement_batches: iterable of (image keys, heatmaps (n, ...)).
     """
-    _check_clusters(cluster_heatmaps, cluster_labels, source)
+    check_clusters(cluster_heatmaps, cluster_labels, source)
     keys, cluster_ids, distances = cluster_distances(cluster_heatmaps, cluster_labels, improvement_batches)
     return select_closest(keys, cluster_ids, distances, cluster_labels, factor)
 

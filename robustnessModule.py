@@ -150,9 +150,11 @@ def check_perturbations(names, keypoints=False):
     if names is None:
         return default_perturbations(keypoints)
     names = list(names)
+    if not names:
+        raise HUDDError(f"--perturbations: no perturbation named; choose from {','.join(PERTURBATIONS)}")
     unknown = [n for n in names if n not in PERTURBATIONS]
-    if unknown or not names:
-        raise HUDDError(f"--perturbations {','.join(names)}: unknown {', '.join(unknown) or 'empty list'}; "
+    if unknown:
+        raise HUDDError(f"--perturbations {','.join(names)}: unknown {', '.join(unknown)}; "
                         f"choose from {','.join(PERTURBATIONS)}")
     moving = [n for n in names if keypoints and PERTURBATIONS[n].geometric]
     if moving:

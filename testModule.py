@@ -67,10 +67,18 @@ def predict(model, dataset, device, batch_size=64, workers=0, desc=None, progres
                     skipped[index] = error
                 else:
                     outputs[index] = logits[row]
-    width = next((o.shape[0] for o in outputs if o is not None), 0)
-    filled = np.stack([o if o is not None else np.full(width, np.nan, np.float32) for o in outputs]) \
-        if outputs else np.zeros((0, 0), np.float32)
-    return filled, skipped
+    return stack_filled(outputs, (0,)), skipped
+
+
+def stack_filled(items, empty_shape):
+    """Per-image arrays stacked into one float32 array, NaN rows for the images that could not be read
+    (None). The row shape is the first read image's, or `empty_shape` when no image was read; both
+    engines build their outputs with it so that an unreadable image looks the same on either."""
+    shape = next((np.shape(i) for i in items if i is not None), tuple(empty_shape))
+    if not len(items):
+        return np.zeros((0, *shape), np.float32)
+    return np.stack([np.asarray(i, np.float32) if i is not None else np.full(shape, np.nan, np.float32)
+                     for i in items])
 
 
 def results_frame(images, labels, classes, logits, model_name="model file"):
@@ -334,10 +342,7 @@ def predict_keypoints(model, dataset, device, batch_size=64, workers=0, desc=Non
                     skipped[index] = error
                 else:
                     coords[index], peaks[index] = decoded[row], top[row]
-    k = next((c.shape[0] for c in coords if c is not None), 0)
-    fill = lambda items, shape: np.stack([i if i is not None else np.full(shape, np.nan, np.float32) for i in items]) \
-        if items else np.zeros((0, *shape), np.float32)
-    return fill(coords, (k, 2)), fill(peaks, (k,)), skipped
+    return stack_filled(coords, (0, 2)), stack_filled(peaks, (0,)), skipped
 
 
 def keypoint_frame(images, truth, predicted, names, components, threshold=DEFAULT_THRESHOLD):

@@ -99,8 +99,9 @@ def child(kind, folder, n, layer, batch_size, threads):
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
 
-def _run_child(*args):
-    command = [sys.executable, __file__, "--child", *map(str, args)]
+def run_child(*args, script=__file__):
+    """Run `script --child args` in a fresh interpreter (its own peak memory) and return its JSON line."""
+    command = [sys.executable, str(script), "--child", *map(str, args)]
     done = subprocess.run(command, capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
@@ -130,9 +131,9 @@ def main(argv=None):
               f"{'peak GB':>8s} {'selected':>9s}")
         for layer in args.layers:
             small = max(args.n // 4, 1)
-            runs = [("engine alone", _run_child("engine", folder, args.n, layer, args.batch_size, args.threads)),
-                    ("heatmaps + assignment", _run_child("assign", folder, args.n, layer, args.batch_size, args.threads)),
-                    (f"same, N = {small}", _run_child("assign", folder, small, layer, args.batch_size, args.threads))]
+            runs = [("engine alone", run_child("engine", folder, args.n, layer, args.batch_size, args.threads)),
+                    ("heatmaps + assignment", run_child("assign", folder, args.n, layer, args.batch_size, args.threads)),
+                    (f"same, N = {small}", run_child("assign", folder, small, layer, args.batch_size, args.threads))]
             base = runs[0][1]["images_per_s"]
             for label, r in runs:
                 selected = "" if r["selected"] is None else str(r["selected"])

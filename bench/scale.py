@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from assign import CLUSTERS, ERRORS, SIDE, _model, write_images  # noqa: E402  (bench/assign.py)
+from assign import CLUSTERS, ERRORS, SIDE, _model, run_child, write_images  # noqa: E402  (bench/assign.py)
 
 DEFAULT_N = 100_000
 
@@ -92,15 +91,6 @@ def child(engine_name, folder, n, layer, batch_size, workers, address):
             "workers_gb": monitor.total_gb(), "checksum": float(np.nansum(distances))}
 
 
-def _run_child(*args):
-    command = [sys.executable, __file__, "--child", *map(str, args)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if done.returncode or not lines:
-        raise SystemExit(f"benchmark child {args} failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(lines[-1])
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=DEFAULT_N, help="improvement images")
@@ -123,7 +113,7 @@ def main(argv=None):
         small = max(args.n // 10, 1)
         plan = [("local", 0, args.n)] + [("ray", w, args.n) for w in args.workers] + \
                [("local", 0, small), ("ray", max(args.workers), small)]
-        runs = [_run_child(engine, folder, n, args.layer, args.batch_size, workers, args.ray_address or "")
+        runs = [run_child(engine, folder, n, args.layer, args.batch_size, workers, args.ray_address or "", script=__file__)
                 for engine, workers, n in plan]
         base = runs[0]["images_per_s"]
         print(f"  {'engine':14s} {'images':>8s} {'start s':>8s} {'images/s':>9s} {'x local':>8s} {'driver GB':>10s} "

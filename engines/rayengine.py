@@ -67,9 +67,9 @@ class _Worker:
         self.model = job.model.to(self.device).eval()
         self.linkage = None
         if job.kind == "distances":
-            from assignModule import _SingleLinkage
+            from assignModule import SingleLinkage
 
-            self.linkage = _SingleLinkage(job.members, job.labels, job.cluster_ids)
+            self.linkage = SingleLinkage(job.members, job.labels, job.cluster_ids)
 
     def __call__(self, batch):
         marker = os.environ.get(KILL_ONCE)
@@ -198,10 +198,9 @@ class RayEngine:
                     skipped[int(index)] = str(error)
                 else:
                     outputs[int(index)] = value
-        width = next((o.shape[0] for o in outputs if o is not None), 0)
-        filled = np.stack([o if o is not None else np.full(width, np.nan, np.float32) for o in outputs]) \
-            if outputs else np.zeros((0, 0), np.float32)
-        return filled, skipped
+        from testModule import stack_filled
+
+        return stack_filled(outputs, (0,)), skipped
 
     def keypoints(self, model, dataset, device, batch_size=64, workers=0, desc=None, progress=True):
         job = _Job("keypoints", model, dataset, batch_size, self._device(device))
@@ -212,16 +211,15 @@ class RayEngine:
                     skipped[int(index)] = str(error)
                 else:
                     coords[int(index)], peaks[int(index)] = value.reshape(-1, 2), peak
-        k = next((c.shape[0] for c in coords if c is not None), 0)
-        fill = lambda items, shape: np.stack([i if i is not None else np.full(shape, np.nan, np.float32)
-                                              for i in items]) if items else np.zeros((0, *shape), np.float32)
-        return fill(coords, (k, 2)), fill(peaks, (k,)), skipped
+        from testModule import stack_filled
+
+        return stack_filled(coords, (0, 2)), stack_filled(peaks, (0,)), skipped
 
     def distances(self, model, dataset, layer, members, labels, batch_size, device, rule="hudd", workers=0,
                   progress=True, start=None):
         import assignModule
 
-        members, labels, cluster_ids, _ = assignModule._check_clusters(np.asarray(members), labels)
+        members, labels, cluster_ids, _ = assignModule.check_clusters(np.asarray(members), labels)
         job = _Job("distances", model, dataset, batch_size, self._device(device), layer=layer, rule=rule,
                    start=start, members=members, labels=labels, cluster_ids=cluster_ids)
         rows = np.full((len(dataset), len(cluster_ids)), np.nan)
