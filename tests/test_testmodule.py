@@ -183,3 +183,13 @@ def test_read_only_case_folder(tiny_case):
         _one_line_error(hudd("-o", tiny_case, "-step", "test"), "not writable")
     finally:
         os.chmod(tiny_case, 0o755)
+
+
+def test_unreadable_images_are_nan_rows_of_the_read_images_shape():
+    import testModule
+
+    rows = testModule.stack_filled([np.array([1.0, 2.0]), None, np.array([3.0, 4.0])], (0,))
+    assert rows.dtype == np.float32 and rows.shape == (3, 2)
+    assert np.isnan(rows[1]).all() and rows[2].tolist() == [3.0, 4.0]
+    assert testModule.stack_filled([None, None], (0, 2)).shape == (2, 0, 2)
+    assert testModule.stack_filled([], (0, 2)).shape == (0, 0, 2)
