@@ -101,13 +101,13 @@ class SingleLinkage:
         return np.sqrt(np.maximum(nearest, 0.0))
 
 
-def cluster_distances(cluster_heatmaps, cluster_labels, improvement_batches):
+def cluster_distances(cluster_heatmaps, cluster_labels, improvement_batches, source="cluster labels"):
     """Single-linkage distance of every improvement image to every non-singleton cluster.
 
     Returns (keys, cluster_ids, distances (M, K)); singleton clusters are left out (the original
     treated them as noise). Only the (M, K) distances are kept while the batches stream past.
     """
-    members, labels, cluster_ids, _ = check_clusters(cluster_heatmaps, cluster_labels)
+    members, labels, cluster_ids, _ = check_clusters(cluster_heatmaps, cluster_labels, source)
     linkage = SingleLinkage(members, labels, cluster_ids)
     keys, blocks = [], []
     for batch_keys, batch in improvement_batches:
@@ -174,8 +174,7 @@ def select_unsafe_set(cluster_heatmaps, cluster_labels, improvement_batches, fac
     cluster_heatmaps: (N, ...) heatmaps of the test error images at the selected layer;
     cluster_labels: (N,) their cluster ids; improvement_batches: iterable of (image keys, heatmaps (n, ...)).
     """
-    check_clusters(cluster_heatmaps, cluster_labels, source)
-    keys, cluster_ids, distances = cluster_distances(cluster_heatmaps, cluster_labels, improvement_batches)
+    keys, cluster_ids, distances = cluster_distances(cluster_heatmaps, cluster_labels, improvement_batches, source)
     return select_closest(keys, cluster_ids, distances, cluster_labels, factor)
 
 
