@@ -1,6 +1,6 @@
 """RQ2 of the HUDD paper: does retraining on HUDD's unsafe set beat BL1 and BL2 at the same labelling budget?
 
-    python RQ2.py -o CASE -m MODEL [-reps N] [-modes HUDD,BL1,BL2] [--epochs E] [--seed S]
+    python RQ2.py -o CASE -m MODEL [-reps N] [-modes HUDD,BL1,BL2] [--epochs E] [--seed S] [--jobs J]
 
 Runs the pipeline up to the unsafe set (cached steps are skipped), then retrains the model N times
 per mode, repetition r using the same seed in every mode, and writes CASE/RQ2.csv, CASE/RQ2.xlsx and
@@ -54,6 +54,8 @@ def parser():
     p.add_argument("--retrain-batch-size", type=positive_int, default=retrainModule.RETRAIN_BATCH_SIZE,
                    help=f"retraining batch size (default: {retrainModule.RETRAIN_BATCH_SIZE}, the original's)")
     p.add_argument("--workers", type=int, default=defaults.workers, help="data-loading processes")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="modes retrained at once, one process each, sharing the CPUs (default 1: one after another)")
     p.add_argument("--rule", default=defaults.rule, help="LRP rule preset for the pipeline steps")
     p.add_argument("--assign-factor", type=float, default=defaults.assign_factor,
                    help="unsafe-set quota per cluster, times its size (original: 2)")
@@ -101,7 +103,8 @@ def run(args):
                                              batch_size=args.retrain_batch_size, workers=args.workers,
                                              progress=options.progress, trust=args.trust_model,
                                              threshold=args.threshold, freeze=args.freeze, lr=args.lr,
-                                             schedule=args.schedule, monitor_test=args.monitor_test)
+                                             schedule=args.schedule, monitor_test=args.monitor_test,
+                                             jobs=args.jobs)
             _refresh_report(case.dir)
         finally:
             case.unlock()

@@ -1,6 +1,7 @@
 """Training: the one loop that trains the case studies' DNNs and retrains them in HUDD, BL1 and BL2."""
 import copy
 import math
+import os
 import re
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def rmsprop(params, lr=1e-3):
 
 def train_classifier(model, train_set, *, epochs, device, optimizer=sgd, batch_size=128, seed=0, workers=0,
                      select="train-accuracy", val_set=None, desc="train", progress=True, scheduler=None,
-                     monitor=None):
+                     monitor=None, position=None):
     """Train `model` in place with cross-entropy and keep its best epoch.
 
     `select` is "train-accuracy" (the original: best epoch by training accuracy, no validation),
@@ -68,7 +69,7 @@ def train_classifier(model, train_set, *, epochs, device, optimizer=sgd, batch_s
     validate = (lambda: accuracy(model, val_set, device, workers=workers)) if val_set is not None else None
     return _fit(model, train_set, step, validate, epochs=epochs, device=device, optimizer=optimizer,
                 batch_size=batch_size, seed=seed, workers=workers, select=select, desc=desc, progress=progress,
-                scheduler=scheduler, monitor=monitor)
+                scheduler=scheduler, monitor=monitor, position=position)
 
 
 GAUSSIAN_SIGMA = 5.0           # px: the original's keypoint target maps
@@ -100,7 +101,7 @@ def freeze_convolutions(model, count=FROZEN_CONVS):
 
 def train_keypoints(model, train_set, *, epochs, device, optimizer=rmsprop, batch_size=128, seed=0, workers=0,
                     select="train-loss", val_set=None, desc="train", progress=True, scheduler=None,
-                    sigma=GAUSSIAN_SIGMA, scale=GAUSSIAN_SCALE, threshold=None, freeze=0, monitor=None):
+                    sigma=GAUSSIAN_SIGMA, scale=GAUSSIAN_SCALE, threshold=None, freeze=0, monitor=None, position=None):
     """Train a keypoint regressor in place: MSE between its output maps and Gaussian target maps.
 
     train_set yields (image, (K, 2) keypoints with NaN for missing). `select`: "train-loss" (the
@@ -127,12 +128,14 @@ def train_keypoints(model, train_set, *, epochs, device, optimizer=rmsprop, batc
 
     return _fit(model, train_set, step, validate if val_set is not None else None, epochs=epochs, device=device,
                 optimizer=optimizer, batch_size=batch_size, seed=seed, workers=workers, select=select, desc=desc,
-                progress=progress, scheduler=scheduler, monitor=monitor)
+                progress=progress, scheduler=scheduler, monitor=monitor, position=position)
 
 
 def _fit(model, train_set, step, validate, *, epochs, device, optimizer, batch_size, seed, workers, select, desc,
-         progress, scheduler, monitor=None):
-    """The one training loop: `step(outputs, targets)` -> (loss, images right); keeps the best epoch by `select`."""
+         progress, scheduler, monitor=None, position=None):
+    """The one training loop: `step(outputs, targets)` -> (loss, images right); keeps the best epoch by `select`.
+
+    `position`: the progress bar's line, so that parallel trainings (RQ2 --jobs) each keep their own."""
     from tqdm import tqdm
 
     if select == "val-accuracy" and validate is None:
@@ -143,7 +146,7 @@ def _fit(model, train_set, step, validate, *, epochs, device, optimizer, batch_s
     sched = scheduler(opt) if scheduler else None
     generator = torch.Generator().manual_seed(seed)
     best_score, best_state, history = -math.inf, None, []
-    bar = tqdm(range(epochs), desc=desc, unit="epoch", dynamic_ncols=True, disable=not progress)
+    bar = tqdm(range(epochs), desc=desc, unit="epoch", dynamic_ncols=True, disable=not progress, position=position)
     for epoch in bar:
         model.train()
         seen = correct = 0
@@ -378,7 +381,7 @@ def _per_cluster(improved_images, members):
 def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT_EPOCHS, select="train-accuracy",
             holdout=DEFAULT_HOLDOUT, budget_factor=DEFAULT_BUDGET_FACTOR, pad_baselines=True, device="auto",
             batch_size=RETRAIN_BATCH_SIZE, workers=0, progress=True, trust=False, threshold=None, freeze=FROZEN_CONVS,
-            lr=None, schedule=DEFAULT_SCHEDULE, monitor_test=False, resume=False):
+            lr=None, schedule=DEFAULT_SCHEDULE, monitor_test=False, resume=False, bar_position=None):
     """HUDD step 7 (or a baseline), `reps` times: retrain the analysed model on the training set + the mode's images.
 
     Each repetition starts from the model file's weights, trains with SGD (lr 1e-3, momentum 0.9,
@@ -495,7 +498,7 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
         train_set = ImageSet(datasets, images, spec, targets)
         common = dict(epochs=epochs, device=device, batch_size=batch_size, seed=seed_r, workers=workers,
                       val_set=val_set, desc=f"{mode} rep {rep}/{reps}", progress=progress,
-                      scheduler=_scheduler(schedule, epochs))
+                      scheduler=_scheduler(schedule, epochs), position=bar_position)
         if keypoints:
             select_used = "train-loss" if select == "train-accuracy" else select
 
@@ -731,16 +734,46 @@ def write_rq2(case_dir, results, reference="HUDD"):
     return table
 
 
-def run_rq2(case_dir, model_path, modes=MODES, reps=10, **options):
+def run_rq2(case_dir, model_path, modes=MODES, reps=10, jobs=1, threads=None, **options):
     """RQ2: `reps` retrainings per mode with the same seeds per repetition, then write_rq2. Returns (table, results).
 
     `options` go to retrain (seed, epochs, select, budget_factor, device, batch_size, ...). Repetitions
     finished by an earlier, interrupted run with the same inputs are kept, not retrained.
+    `jobs` > 1 retrains up to that many modes at once, each in its own process with `threads` torch
+    threads (None: the usable CPUs divided by the jobs): on a CPU a small DNN keeps two cores busier as
+    two one-thread processes than as one two-thread process. Each mode writes only its own files, so
+    the results are those of a serial run with the same threads.
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
         raise HUDDError(f"-modes {','.join(modes)}: use a comma-separated subset of {','.join(MODES)}")
-    results = pd.concat([retrain(case_dir, model_path, mode, reps=reps, resume=True, **options) for mode in modes],
-                        ignore_index=True)
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise HUDDError(f"--jobs {jobs!r}: use a positive integer (1 retrains the modes one after another)")
+    jobs = min(jobs, len(modes))
+    if jobs == 1:
+        frames = [retrain(case_dir, model_path, mode, reps=reps, resume=True, **options) for mode in modes]
+    else:
+        frames = _retrain_in_processes(case_dir, model_path, modes, reps, jobs, threads, options)
+    results = pd.concat(frames, ignore_index=True)
     reference = "HUDD" if "HUDD" in modes else modes[0]
     return write_rq2(case_dir, results, reference), results
+
+
+def usable_cpus():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # not on Linux
+        return os.cpu_count() or 1
+
+
+def _retrain_in_processes(case_dir, model_path, modes, reps, jobs, threads, options):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = threads or max(1, usable_cpus() // jobs)
+    context = multiprocessing.get_context("spawn")      # a fork after torch started its threads can hang
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
+                             initargs=(threads,)) as pool:
+        futures = [pool.submit(retrain, case_dir, model_path, mode, reps=reps, resume=True, bar_position=i,
+                               **options) for i, mode in enumerate(modes)]
+        return [future.result() for future in futures]

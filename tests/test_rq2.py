@@ -5,6 +5,7 @@ import pytest
 from PIL import Image
 
 import retrainModule as rm
+from common.errors import HUDDError
 from test_retrain import prepared_case
 
 
@@ -115,3 +116,31 @@ def test_rq2_for_keypoints_reports_the_mean_error_and_the_share_within_the_thres
     assert table.loc["HUDD", "accuracy_mean"] == pytest.approx(92.0)      # the share within the threshold, in %
     with Image.open(tmp_path / "RQ2_boxplot.png") as img:
         assert img.width >= 1200                                          # a third panel: the mean error
+
+
+def test_rq2_with_parallel_jobs_gives_the_serial_results(tmp_path):
+    import torch
+
+    serial_case = prepared_case(tmp_path / "serial")
+    parallel_case = prepared_case(tmp_path / "parallel")
+    options = dict(epochs=1, batch_size=16, progress=False, seed=4)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial, _ = rm.run_rq2(serial_case, serial_case / "DNNModels" / "OriginalModel.pth", ["HUDD", "BL2"],
+                               reps=2, **options)
+    finally:
+        torch.set_num_threads(previous)
+    parallel, results = rm.run_rq2(parallel_case, parallel_case / "DNNModels" / "OriginalModel.pth",
+                                   ["HUDD", "BL2"], reps=2, jobs=2, threads=1, **options)
+    assert list(results["mode"]) == ["HUDD", "HUDD", "BL2", "BL2"]
+    pd.testing.assert_frame_equal(serial, parallel)
+    for mode in ("HUDD", "BL2"):
+        one, other = (pd.read_csv(c / "T" / f"retrain_{mode}.csv") for c in (serial_case, parallel_case))
+        assert one["test_accuracy"].tolist() == other["test_accuracy"].tolist()
+        assert all((parallel_case / "DNNModels" / name).is_file() for name in other["model"])
+
+
+def test_rq2_jobs_must_be_a_positive_integer(tmp_path):
+    with pytest.raises(HUDDError, match="--jobs 0"):
+        rm.run_rq2(tmp_path, tmp_path / "m.pth", ["HUDD"], reps=1, jobs=0)
