@@ -767,13 +767,25 @@ def usable_cpus():
 
 
 def _retrain_in_processes(case_dir, model_path, modes, reps, jobs, threads, options):
+    """The modes in `jobs` processes; the first mode that fails stops the others (their finished
+    repetitions are on disk already) instead of letting them train for hours before the error shows."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
     threads = threads or max(1, usable_cpus() // jobs)
     context = multiprocessing.get_context("spawn")      # a fork after torch started its threads can hang
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads,
-                             initargs=(threads,)) as pool:
+    pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,))
+    try:
         futures = [pool.submit(retrain, case_dir, model_path, mode, reps=reps, resume=True, bar_position=i,
                                **options) for i, mode in enumerate(modes)]
+        wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f.done() and f.exception() is not None]
+        if failed:
+            raise failed[0].exception()
         return [future.result() for future in futures]
+    except BaseException:
+        for process in multiprocessing.active_children():
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

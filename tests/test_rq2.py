@@ -144,3 +144,14 @@ def test_rq2_with_parallel_jobs_gives_the_serial_results(tmp_path):
 def test_rq2_jobs_must_be_a_positive_integer(tmp_path):
     with pytest.raises(HUDDError, match="--jobs 0"):
         rm.run_rq2(tmp_path, tmp_path / "m.pth", ["HUDD"], reps=1, jobs=0)
+
+
+def test_a_failing_mode_stops_the_other_jobs(tmp_path):
+    case = prepared_case(tmp_path / "case", flat_improvement=True, original_epochs=0)   # BL1 needs class folders
+    unsafe = pd.read_csv(case / "T" / "UnsafeSet" / "unsafe.csv")
+    labels = ["circle", "square", "square", "stripe", "stripe", "circle", "circle"]
+    unsafe[["image", "cluster"]].assign(label=labels).to_csv(case / "T" / "UnsafeSet" / "labels.csv", index=False)
+    with pytest.raises(HUDDError, match="BL1 simulates labelling"):
+        rm.run_rq2(case, case / "DNNModels" / "OriginalModel.pth", ["HUDD", "BL1"], reps=1, jobs=2, threads=1,
+                   epochs=2000, batch_size=16, progress=False)
+    assert not list((case / "DNNModels").glob("HUDD_*")), "HUDD should have been stopped, not trained to the end"
