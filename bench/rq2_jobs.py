@@ -53,7 +53,7 @@ def main(argv=None):
     import retrainModule
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", required=True, help="a case folder after the assign step")
+    parser.add_argument("--case", help="a case folder after the assign step (required)")
     parser.add_argument("--model", default="OriginalModel.pth")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--reps", type=int, default=1)
@@ -65,6 +65,8 @@ def main(argv=None):
         case, model, jobs, threads, reps, epochs, modes = args.child
         print(json.dumps(child(case, model, int(jobs), int(threads), int(reps), int(epochs), modes.split(","))))
         return
+    if not args.case:
+        parser.error("--case CASE is required")
     if not (Path(args.case) / "T" / "UnsafeSet" / "unsafe.csv").is_file():
         raise SystemExit(f"{args.case}: no T/UnsafeSet/unsafe.csv; run HUDD.py -o {args.case} -step assign first")
     cpus = retrainModule.usable_cpus()
