@@ -774,6 +774,7 @@ def _retrain_in_processes(case_dir, model_path, modes, reps, jobs, threads, opti
 
     threads = threads or max(1, usable_cpus() // jobs)
     context = multiprocessing.get_context("spawn")      # a fork after torch started its threads can hang
+    others = set(multiprocessing.active_children())
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,))
     try:
         futures = [pool.submit(retrain, case_dir, model_path, mode, reps=reps, resume=True, bar_position=i,
@@ -784,7 +785,7 @@ def _retrain_in_processes(case_dir, model_path, modes, reps, jobs, threads, opti
             raise failed[0].exception()
         return [future.result() for future in futures]
     except BaseException:
-        for process in multiprocessing.active_children():
+        for process in set(multiprocessing.active_children()) - others:
             process.terminate()
         raise
     finally:
