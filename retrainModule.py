@@ -759,11 +759,13 @@ def run_rq2(case_dir, model_path, modes=MODES, reps=10, jobs=1, threads=None, **
     return write_rq2(case_dir, results, reference), results
 
 
-def usable_cpus():
+def threads_per_job(jobs):
+    """Torch threads for each of `jobs` processes sharing the CPUs this process may use (at least 1)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:          # not on Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // jobs)
 
 
 def _retrain_in_processes(case_dir, model_path, modes, reps, jobs, threads, options):
@@ -772,7 +774,7 @@ def _retrain_in_processes(case_dir, model_path, modes, reps, jobs, threads, opti
     import multiprocessing
     from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 
-    threads = threads or max(1, usable_cpus() // jobs)
+    threads = threads or threads_per_job(jobs)
     context = multiprocessing.get_context("spawn")      # a fork after torch started its threads can hang
     others = set(multiprocessing.active_children())
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(threads,))

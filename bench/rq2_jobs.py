@@ -69,14 +69,14 @@ def main(argv=None):
         parser.error("--case CASE is required")
     if not (Path(args.case) / "T" / "UnsafeSet" / "unsafe.csv").is_file():
         raise SystemExit(f"{args.case}: no T/UnsafeSet/unsafe.csv; run HUDD.py -o {args.case} -step assign first")
-    cpus = retrainModule.usable_cpus()
+    cpus = retrainModule.threads_per_job(1)
     modes = args.modes.split(",")
     print(f"RQ2 on {args.case}: {args.reps} repetition(s) x {len(modes)} modes x {args.epochs} epoch(s), "
           f"{cpus} usable CPUs, load average before {os.getloadavg()[0]:.2f}")
     print(f"  {'jobs':>4s} {'threads/job':>11s} {'wall s':>8s} {'x serial':>8s} {'cpu s':>8s}  test accuracy per repetition")
     baseline = None
     for jobs in args.jobs:
-        threads = cpus if jobs == 1 else max(1, cpus // min(jobs, len(modes)))
+        threads = retrainModule.threads_per_job(min(jobs, len(modes)))
         with tempfile.TemporaryDirectory(prefix="hudd-bench-rq2-") as folder:
             case, model = scratch_copy(args.case, folder, args.model)
             r = run_child(case, model, jobs, threads, args.reps, args.epochs, ",".join(modes), script=__file__)
