@@ -77,6 +77,9 @@ def parser():
     p.add_argument("--reps", type=positive_int, default=defaults.reps, help="retraining repetitions")
     p.add_argument("--baseline-budget-factor", type=float, default=defaults.baseline_budget_factor,
                    help="BL1/BL2 labelling budget as a share of HUDD's (1 = equal; 0.3 = the original code)")
+    p.add_argument("--retrain-factor", type=positive_float, default=defaults.retrain_factor,
+                   help="HUDD's retraining images per cluster, times its size (original: 1; 2 = every labelled "
+                        "image of the unsafe set at the default --assign-factor)")
     p.add_argument("--assign-factor", type=float, default=defaults.assign_factor,
                    help="unsafe-set quota per cluster, times its size (original: 2)")
     p.add_argument("--select", choices=["train-accuracy", "val-accuracy", "last"], default=defaults.select,

@@ -37,6 +37,7 @@ class Options:
     epochs: int = 10
     reps: int = 1
     baseline_budget_factor: float = 1.0
+    retrain_factor: float = 1.0  # HUDD retrains on this x |c| of each cluster's unsafe images (the original's 1)
     assign_factor: float = 2.0
     select: str = "train-accuracy"
     trust_model: bool = False
@@ -65,8 +66,8 @@ STEP_OPTIONS = {
     "distances": ("xlsx",),
     "clusters": ("max_clusters", "optimal_ordering"),
     "assign": ("rule", "assign_factor"),
-    "retrain": ("mode", "epochs", "reps", "seed", "baseline_budget_factor", "select", "threshold", "freeze", "lr",
-                "schedule", "monitor_test"),
+    "retrain": ("mode", "epochs", "reps", "seed", "baseline_budget_factor", "retrain_factor", "select", "threshold",
+                "freeze", "lr", "schedule", "monitor_test"),
 }
 
 
@@ -572,7 +573,7 @@ def _step_retrain(case):
     opts = case.options
     frame = retrainModule.retrain(case.dir, case.model_path, opts.mode, reps=opts.reps, seed=opts.seed,
                                   epochs=opts.epochs, select=opts.select, budget_factor=opts.baseline_budget_factor,
-                                  device=opts.device, workers=opts.workers, trust=opts.trust_model,
+                                  retrain_factor=opts.retrain_factor, device=opts.device, workers=opts.workers, trust=opts.trust_model,
                                   progress=opts.progress, threshold=opts.threshold, freeze=opts.freeze,
                                   lr=opts.lr, schedule=opts.schedule, monitor_test=opts.monitor_test)
     models_written = [case.dir / "DNNModels" / name for name in frame["model"]]

@@ -57,6 +57,9 @@ def parser():
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="modes retrained at once, one process each, sharing the CPUs (default 1: one after another)")
     p.add_argument("--rule", default=defaults.rule, help="LRP rule preset for the pipeline steps")
+    p.add_argument("--retrain-factor", type=positive_float, default=defaults.retrain_factor,
+                   help="HUDD's retraining images per cluster, times its size (original: 1; 2 = every labelled "
+                        "image of the unsafe set at the default --assign-factor)")
     p.add_argument("--assign-factor", type=float, default=defaults.assign_factor,
                    help="unsafe-set quota per cluster, times its size (original: 2)")
     p.add_argument("--lr", type=positive_float, default=defaults.lr,
@@ -83,7 +86,8 @@ def pipeline_options(args):
     """The Helper options for the steps up to the unsafe set, from this command line."""
     return Helper.Options(device=args.device, batch_size=args.batch_size, workers=args.workers, seed=args.seed,
                           rule=args.rule, assign_factor=args.assign_factor, epochs=args.epochs, reps=args.reps,
-                          baseline_budget_factor=args.baseline_budget_factor, select=args.select,
+                          baseline_budget_factor=args.baseline_budget_factor, retrain_factor=args.retrain_factor,
+                          select=args.select,
                           threshold=args.threshold, freeze=args.freeze, lr=args.lr, schedule=args.schedule,
                           monitor_test=args.monitor_test, trust_model=args.trust_model, progress=not args.no_progress,
                           engine=args.engine, ray_address=args.ray_address)
@@ -99,7 +103,8 @@ def run(args):
         try:
             table, _ = retrainModule.run_rq2(case.dir, case.model_path, args.modes, reps=args.reps, seed=args.seed,
                                              epochs=args.epochs, select=args.select,
-                                             budget_factor=args.baseline_budget_factor, device=args.device,
+                                             budget_factor=args.baseline_budget_factor,
+                                             retrain_factor=args.retrain_factor, device=args.device,
                                              batch_size=args.retrain_batch_size, workers=args.workers,
                                              progress=options.progress, trust=args.trust_model,
                                              threshold=args.threshold, freeze=args.freeze, lr=args.lr,

@@ -191,6 +191,7 @@ SCHEDULES = ("constant", "cosine")   # constant = the original's fixed learning 
 DEFAULT_SCHEDULE = "cosine"         # measured on gaze: a constant rate never settles (README, "Why retraining gains little")
 DEFAULT_HOLDOUT = 0.1          # share of the training set held out when select="val-accuracy"
 DEFAULT_BUDGET_FACTOR = 1.0    # baselines label as many images as HUDD (the paper); 0.3 = the original code
+DEFAULT_RETRAIN_FACTOR = 1.0   # HUDD retrains on the |c| closest unsafe images per cluster (the original's quota)
 RETRAIN_BATCH_SIZE = 128       # the original's
 ROUND_DIGITS = 9               # factor * n is rounded before ceil so that 0.3 * 10 is 3, not 4
 PAD_STREAM = 1                 # padding draws from its own random stream, not the sample's
@@ -205,14 +206,28 @@ def rep_seed(seed, rep):
     return int(np.random.SeedSequence([int(seed), int(rep)]).generate_state(1)[0])
 
 
-def balance_unsafe_set(unsafe, cluster_sizes, seed):
-    """HUDD's bootstrap balancing (step 6): per cluster its |c| first-ranked images, duplicated up to max |c|.
+def retrain_quota(size, factor=DEFAULT_RETRAIN_FACTOR):
+    """How many of a cluster's first-ranked unsafe images HUDD retrains on: ceil(factor x |c|).
+
+    factor 1 is the original's; the assign step selects 2 x |c| (--assign-factor), all of which the
+    engineer labels, so factor 2 retrains on every labelled image instead of half of them.
+    """
+    if not factor > 0:
+        raise HUDDError(f"--retrain-factor {factor}: must be positive (1 = the original's |c| images per cluster, "
+                        f"2 = the whole unsafe set at the default --assign-factor)")
+    return int(math.ceil(round(factor * size, ROUND_DIGITS)))
+
+
+def balance_unsafe_set(unsafe, cluster_sizes, seed, factor=DEFAULT_RETRAIN_FACTOR):
+    """HUDD's bootstrap balancing (step 6): per cluster its retrain_quota first-ranked images (|c| at the
+    original's factor 1), duplicated up to the largest quota.
 
     Faithful to the original with its bugs fixed: duplicates are drawn (seeded, with replacement)
     with weight 1 - d_i / sum(d), so closer images are repeated more, and exactly up to the target;
     each image stays in its own cluster; a cluster with one image repeats it.
     Returns DataFrame[image, cluster, duplicate], clusters in ascending order.
     """
+    quota = {c: retrain_quota(size, factor) for c, size in cluster_sizes.items()}
     rng = np.random.default_rng(seed)
     present = sorted(int(c) for c in unsafe["cluster"].unique())
     unknown = [c for c in present if c not in cluster_sizes]
@@ -221,11 +236,11 @@ def balance_unsafe_set(unsafe, cluster_sizes, seed):
                         f"rerun the assign step (python HUDD.py -o CASE -step assign)")
     if not present:
         return pd.DataFrame({"image": [], "cluster": [], "duplicate": []})
-    target = max(int(cluster_sizes[c]) for c in present)
+    target = max(quota[c] for c in present)
     parts = []
     for cluster in present:
         group = unsafe[unsafe["cluster"] == cluster].sort_values("rank", kind="stable")
-        group = group.head(int(cluster_sizes[cluster]))
+        group = group.head(quota[cluster])
         kept = list(group["image"])
         distance = group["distance"].to_numpy(dtype=np.float64)
         weights = None
@@ -275,17 +290,18 @@ def pad_by_bootstrap(images, size, seed):
 
 
 def retraining_images(mode, unsafe, cluster_sizes, improvement, wrong, seed, budget_factor=DEFAULT_BUDGET_FACTOR,
-                      pad_baselines=True):
+                      pad_baselines=True, retrain_factor=DEFAULT_RETRAIN_FACTOR):
     """The improvement images a repetition adds to the training set (with duplicates), and how many were labelled
     (labelled_images lists those).
 
-    HUDD: the balanced unsafe set; the engineer labelled the whole unsafe set. BL1/BL2: a fresh draw
-    of baseline_budget(len(unsafe)) images for this seed; with `pad_baselines` (the original) a draw
-    smaller than HUDD's balanced set is bootstrapped up to its size, so no mode adds fewer training images.
+    HUDD: the balanced unsafe set (retrain_factor x |c| images per cluster); the engineer labelled the
+    whole unsafe set. BL1/BL2: a fresh draw of baseline_budget(len(unsafe)) images for this seed; with
+    `pad_baselines` (the original) a draw smaller than HUDD's balanced set is bootstrapped up to its
+    size, so no mode adds fewer training images.
     """
     if mode not in MODES:
         raise HUDDError(f"mode {mode!r}: use one of {', '.join(MODES)}")
-    balanced = balance_unsafe_set(unsafe, cluster_sizes, seed)
+    balanced = balance_unsafe_set(unsafe, cluster_sizes, seed, retrain_factor)
     if mode == "HUDD":
         return list(balanced["image"]), len(unsafe)
     budget = baseline_budget(len(unsafe), budget_factor)
@@ -381,7 +397,8 @@ def _per_cluster(improved_images, members):
 def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT_EPOCHS, select="train-accuracy",
             holdout=DEFAULT_HOLDOUT, budget_factor=DEFAULT_BUDGET_FACTOR, pad_baselines=True, device="auto",
             batch_size=RETRAIN_BATCH_SIZE, workers=0, progress=True, trust=False, threshold=None, freeze=FROZEN_CONVS,
-            lr=None, schedule=DEFAULT_SCHEDULE, monitor_test=False, resume=False, bar_position=None):
+            lr=None, schedule=DEFAULT_SCHEDULE, monitor_test=False, resume=False, bar_position=None,
+            retrain_factor=DEFAULT_RETRAIN_FACTOR):
     """HUDD step 7 (or a baseline), `reps` times: retrain the analysed model on the training set + the mode's images.
 
     Each repetition starts from the model file's weights, trains with SGD (lr 1e-3, momentum 0.9,
@@ -408,6 +425,8 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
     resume: keep the rows of an earlier T/retrain_<mode>.csv whose repetition had the same seed and
     inputs (column `inputs`: a digest of the model file, training set, clusters, unsafe set, labels and
     options) and whose model file is still there, and train only the other repetitions (RQ2.py).
+    retrain_factor: HUDD's images per cluster, times |c| (retrain_quota; the baselines are padded to
+    the balanced set's size, so it changes theirs too).
     """
     import models
     import testModule
@@ -420,6 +439,7 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
         raise HUDDError(f"--schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
     if reps < 1 or epochs < 1:
         raise HUDDError(f"reps={reps}, epochs={epochs}: both must be at least 1")
+    retrain_quota(1, retrain_factor)
     case_dir = Path(case_dir)
     device = resolve_device(device)
     datasets = case_dir / "DataSets"
@@ -465,7 +485,9 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
     columns = RETRAIN_COLUMNS + (KEYPOINT_COLUMNS if keypoints else [])
     inputs = _inputs_digest(case_dir, model_path, mode, epochs=epochs, select=select, holdout=holdout,
                             budget_factor=budget_factor, pad_baselines=pad_baselines, batch_size=batch_size,
-                            threshold=threshold, freeze=freeze if keypoints else None, lr=lr, schedule=schedule)
+                            threshold=threshold, freeze=freeze if keypoints else None, lr=lr, schedule=schedule,
+                            # only when changed, so that the repetitions of earlier runs still resume
+                            **({"retrain_factor": retrain_factor} if retrain_factor != DEFAULT_RETRAIN_FACTOR else {}))
     earlier = _finished_reps(out_csv, inputs, case_dir) if resume else {}
     history_csv = case_dir / "T" / f"retrain_{mode}_history.csv"
     old_history = try_read_table(history_csv) if resume else None
@@ -481,7 +503,7 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, epochs=DEFAULT
             write_csv(out_csv, pd.DataFrame(rows, columns=columns))
             continue
         added, n_labelled = retraining_images(mode, unsafe, cluster_sizes, pool, wrong, seed_r, budget_factor,
-                                              pad_baselines)
+                                              pad_baselines, retrain_factor)
         labelled = labelled_images(mode, unsafe, pool, baseline_budget(len(unsafe), budget_factor), seed_r)
         known = [wrong_of[i] for i in labelled if i in wrong_of]
         labelled_errors = int(sum(known)) if known else None

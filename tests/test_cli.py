@@ -51,3 +51,12 @@ def test_rq2_passes_keypoint_options_to_the_pipeline():
     args = RQ2.parser().parse_args(["-o", "CASE", "--threshold", "3", "--freeze", "2", "--lr", "0.002"])
     options = RQ2.pipeline_options(args)
     assert (options.threshold, options.freeze, options.lr) == (3.0, 2, 0.002)
+
+
+def test_retrain_factor_reaches_the_retrain_step_and_its_cache_key():
+    options = HUDD.options_from(HUDD.parser().parse_args(["-o", "CASE", "--retrain-factor", "2"]))
+    assert options.retrain_factor == 2.0 and "retrain_factor" in Helper.STEP_OPTIONS["retrain"]
+    args = RQ2.parser().parse_args(["-o", "CASE", "--retrain-factor", "1.5"])
+    assert RQ2.pipeline_options(args).retrain_factor == 1.5
+    with pytest.raises(SystemExit):
+        HUDD.parser().parse_args(["-o", "CASE", "--retrain-factor", "0"])

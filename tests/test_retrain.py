@@ -41,6 +41,28 @@ def test_balancing_is_seeded_and_prefers_close_images():
     assert (dups == "c1_1").sum() > 150          # weight 1 - 1/10 = 0.9 against 0.1 for the far image
 
 
+def test_retrain_factor_retrains_on_more_of_each_clusters_unsafe_images():
+    unsafe = unsafe_frame({1: [.1, .2, .3, .4, .5, .6], 2: [.1, .2, .3], 5: [.7]})
+    sizes = {1: 3, 2: 2, 5: 4}
+    balanced = rm.balance_unsafe_set(unsafe, sizes, seed=0, factor=2)
+    assert balanced.groupby("cluster").size().to_dict() == {1: 8, 2: 8, 5: 8}   # the largest quota, 2 x 4
+    originals = balanced[~balanced["duplicate"]].groupby("cluster")["image"].apply(list).to_dict()
+    assert originals == {1: [f"c1_{r}" for r in range(1, 7)], 2: ["c2_1", "c2_2", "c2_3"], 5: ["c5_1"]}
+    assert rm.balance_unsafe_set(unsafe, sizes, seed=0, factor=1).equals(rm.balance_unsafe_set(unsafe, sizes, seed=0))
+    assert [rm.retrain_quota(n, 1.5) for n in (1, 2, 3)] == [2, 3, 5]
+    hudd, labelled = rm.retraining_images("HUDD", unsafe, sizes, IMPROVEMENT, WRONG, seed=1, retrain_factor=2)
+    assert len(set(hudd)) == 10 and labelled == 10           # every labelled image is retrained on
+    for mode in ("BL1", "BL2"):                               # the baselines are padded to the same size
+        sample, _ = rm.retraining_images(mode, unsafe, sizes, IMPROVEMENT, WRONG, seed=1, retrain_factor=2)
+        assert len(sample) == len(hudd) == 24
+
+
+@pytest.mark.parametrize("factor", [0, -1, float("nan")])
+def test_retrain_factor_must_be_positive(factor):
+    with pytest.raises(HUDDError, match="--retrain-factor .*must be positive"):
+        rm.balance_unsafe_set(unsafe_frame({1: [.1]}), {1: 1}, seed=0, factor=factor)
+
+
 def test_balancing_refuses_clusters_it_does_not_know():
     with pytest.raises(HUDDError, match="clusters.csv"):
         rm.balance_unsafe_set(unsafe_frame({3: [.1]}), {1: 2}, seed=0)
@@ -208,3 +230,15 @@ def test_missing_unsafe_set_says_which_step_to_run(tmp_path):
     case = make_tiny_case(tmp_path / "bare", train_epochs=0)
     with pytest.raises(HUDDError, match="-step assign"):
         rm.retrain(case, case / "DNNModels" / "OriginalModel.pth", "HUDD", epochs=1, progress=False)
+
+
+def test_retrain_factor_2_retrains_on_the_whole_labelled_unsafe_set(tmp_path):
+    case = prepared_case(tmp_path / "case")
+    model = case / "DNNModels" / "OriginalModel.pth"
+    faithful = rm.retrain(case, model, "HUDD", reps=1, epochs=1, batch_size=16, progress=False).iloc[0]
+    whole = rm.retrain(case, model, "HUDD", reps=1, epochs=1, batch_size=16, progress=False, retrain_factor=2).iloc[0]
+    sizes = pd.read_csv(case / "T" / "ClusterAnalysis" / "Layer7" / "clusters.csv")["cluster"].value_counts()
+    assert faithful["n_distinct_added"] == min(sizes[1], 4) + min(sizes[2], 3)
+    assert whole["n_distinct_added"] == 7 and whole["n_labelled"] == faithful["n_labelled"] == 7
+    assert whole["n_train_added"] == 2 * 2 * max(sizes[1], sizes[2])
+    assert whole["inputs"] != faithful["inputs"]        # a resumed RQ2 never mixes the two
