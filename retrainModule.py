@@ -53,13 +53,14 @@ def rmsprop(params, lr=1e-3):
 
 def train_classifier(model, train_set, *, epochs, device, optimizer=sgd, batch_size=128, seed=0, workers=0,
                      select="train-accuracy", val_set=None, desc="train", progress=True, scheduler=None,
-                     monitor=None, position=None):
+                     monitor=None, position=None, guard=None):
     """Train `model` in place with cross-entropy and keep its best epoch.
 
     `select` is "train-accuracy" (the original: best epoch by training accuracy, no validation),
     "val-accuracy" (best by accuracy on `val_set`) or "last". Returns the history, one dict per epoch;
     the model ends with the best epoch's weights. `monitor()`, if given, is called after every epoch
     and its dict is recorded in the history (e.g. the test accuracy, for a diagnosis; never selects).
+    `guard(record)`, if given, sees each epoch's record and may raise to stop a training gone wrong.
     """
     loss_fn = nn.CrossEntropyLoss()
 
@@ -69,7 +70,7 @@ def train_classifier(model, train_set, *, epochs, device, optimizer=sgd, batch_s
     validate = (lambda: accuracy(model, val_set, device, workers=workers)) if val_set is not None else None
     return _fit(model, train_set, step, validate, epochs=epochs, device=device, optimizer=optimizer,
                 batch_size=batch_size, seed=seed, workers=workers, select=select, desc=desc, progress=progress,
-                scheduler=scheduler, monitor=monitor, position=position)
+                scheduler=scheduler, monitor=monitor, position=position, guard=guard)
 
 
 GAUSSIAN_SIGMA = 5.0           # px: the original's keypoint target maps
@@ -132,7 +133,7 @@ def train_keypoints(model, train_set, *, epochs, device, optimizer=rmsprop, batc
 
 
 def _fit(model, train_set, step, validate, *, epochs, device, optimizer, batch_size, seed, workers, select, desc,
-         progress, scheduler, monitor=None, position=None):
+         progress, scheduler, monitor=None, position=None, guard=None):
     """The one training loop: `step(outputs, targets)` -> (loss, images right); keeps the best epoch by `select`.
 
     `position`: the progress bar's line, so that parallel trainings (RQ2 --jobs) each keep their own."""
@@ -171,6 +172,8 @@ def _fit(model, train_set, step, validate, *, epochs, device, optimizer, batch_s
         if monitor is not None:
             record.update(monitor())
         history.append(record)
+        if guard is not None:
+            guard(record)
         score = {"train-accuracy": record["train_accuracy"], "train-loss": -record["train_loss"], "last": epoch,
                  "val-accuracy": record.get("val_accuracy", 0.0)}[select]
         if score > best_score:

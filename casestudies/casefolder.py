@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import shutil
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -104,7 +105,41 @@ def train_original(case_dir, spec, arch_args, epochs, seed, lr, batch_size, prog
         torch.set_num_threads(previous)
 
 
-def _train(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, marker):
+STUCK_AFTER = 3             # epochs: a training still at chance by then has stalled (README, "The case builder")
+STUCK_MARGIN = 0.02         # accuracy above the largest class's share that counts as having learned something
+ATTEMPTS = 3                # trainings (the first with the seed asked for) before the build gives up
+
+
+class TrainingStuck(Exception):
+    """A training whose accuracy stayed at the largest class's share: the DNN predicts one class."""
+
+
+def stuck_guard(targets, epochs, after=STUCK_AFTER, margin=STUCK_MARGIN):
+    """A `guard` for retrainModule.train_classifier that raises TrainingStuck when, at epoch `after` or
+    at the last, the training accuracy is no better than always answering the largest class.
+
+    Trainings shorter than `after` epochs are not checked: --scale small (2 epochs on 320 images) is
+    legitimately still near chance when it ends, and it only serves tests."""
+    import numpy as np
+
+    chance = float(np.bincount(np.asarray(targets)).max() / len(targets))
+    checked = {after, epochs} if epochs >= after else set()
+
+    def guard(record):
+        if record["epoch"] in checked and record["train_accuracy"] <= chance + margin:
+            raise TrainingStuck(f"training accuracy {record['train_accuracy']:.1%} at epoch {record['epoch']} "
+                                f"(largest class {chance:.1%}), loss {record['train_loss']:.3f}")
+    return guard
+
+
+def attempt_seed(seed, attempt):
+    """The training seed of attempt 0, 1, 2...: the seed asked for first, then seeds derived from it."""
+    import numpy as np
+
+    return seed if attempt == 0 else int(np.random.SeedSequence([int(seed), attempt]).generate_state(1)[0])
+
+
+def _train(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, marker, attempts=ATTEMPTS):
     import torch
 
     import models
@@ -116,20 +151,35 @@ def _train(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, ma
     train = splits["TrainingSet"]
     targets = [train.classes.index(label) for label in train.labels]
     dataset = ImageSet(case / "DataSets", train.images, spec, targets)
-    torch.manual_seed(seed)             # the initial weights too: the same seed gives the same DNN
-    model = models.SmallAlexNet(num_classes=len(train.classes), **arch_args)
     device = resolve_device("auto")
-    start = time.time()
-    history = retrainModule.train_classifier(
-        model, dataset, epochs=epochs, device=device, seed=seed, batch_size=batch_size,
-        optimizer=functools.partial(retrainModule.adam, lr=lr),
-        scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs),
-        desc=f"train {marker['case_study']}", progress=progress)
+    guard = stuck_guard(targets, epochs)
+    failures = []
+    for attempt in range(attempts):
+        train_seed = attempt_seed(seed, attempt)
+        torch.manual_seed(train_seed)   # the initial weights too: the same seed gives the same DNN
+        model = models.SmallAlexNet(num_classes=len(train.classes), **arch_args)
+        start = time.time()
+        try:
+            history = retrainModule.train_classifier(
+                model, dataset, epochs=epochs, device=device, seed=train_seed, batch_size=batch_size,
+                optimizer=functools.partial(retrainModule.adam, lr=lr),
+                scheduler=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs),
+                desc=f"train {marker['case_study']}", progress=progress, guard=guard)
+            break
+        except TrainingStuck as exc:
+            failures.append(f"seed {train_seed}: {exc}")
+            if attempt + 1 < attempts:
+                print(f"warning: the {marker['case_study']} DNN stayed at chance with seed {train_seed} ({exc}); "
+                      f"training again from seed {attempt_seed(seed, attempt + 1)}", file=sys.stderr, flush=True)
+    else:
+        raise HUDDError(f"{case}: the {marker['case_study']} DNN stayed at chance in {attempts} trainings "
+                        f"({'; '.join(failures)}); build again with another --seed or --threads")
     path = case / "DNNModels" / MODEL_FILE
     models.save_model(path, model, "smallalexnet", classes=train.classes,
                       input_size=(spec.channels, spec.height, spec.width), mean=spec.mean, std=spec.std,
                       arch_args=dict(num_classes=len(train.classes), **arch_args), preprocess="exact",
                       extra={"trained_by": "casestudies", **{k: marker[k] for k in MARKER_KEYS},
+                             "train_seed": train_seed, "restarts": attempt,
                              "epochs": epochs, "final_train_accuracy": history[-1]["train_accuracy"],
                              "train_seconds": round(time.time() - start, 1)})
     return path
