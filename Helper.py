@@ -680,8 +680,11 @@ def summary_text(case_dir, summaries):
                          f"(DataSets/TestSet/<class>/perturbed/)")
     retrain = summaries.get("retrain")
     if retrain:
+        gains = retrain.get("gains") or []
+        spread = (f", mean of {len(gains)} repetitions: {', '.join(f'{g:+.2f}' for g in gains)}"
+                  if len(gains) > 1 else "")
         lines.append(f"  after retraining     {100 * retrain['test_accuracy']:.2f}% "
-                     f"({retrain['mode']}, gain {retrain['gain']:+.2f} points)")
+                     f"({retrain['mode']}, gain {retrain['gain']:+.2f} points{spread})")
         if retrain.get("mean_error") is not None:
             lines.append(f"  mean keypoint error  {retrain['original_mean_error']:.2f} px before, "
                          f"{retrain['mean_error']:.2f} px after retraining")

@@ -663,9 +663,10 @@ def _best_epoch(history, select):
 
 
 def retrain_summary(frame):
-    """What the run summary prints: the mode, mean test accuracy (fraction) and mean gain (points)."""
+    """What the run summary prints: the mode, mean test accuracy (fraction), mean gain and each repetition's (points)."""
     summary = {"mode": str(frame["mode"].iloc[0]), "reps": int(len(frame)),
                "test_accuracy": float(frame["test_accuracy"].mean()), "gain": float(frame["gain"].mean()),
+               "gains": [float(g) for g in frame["gain"]],
                "improved": float(frame["improved"].mean()), "worsened": float(frame["worsened"].mean()),
                "precision": float(frame["precision"].mean()) if "precision" in frame.columns else float("nan")}
     if "mean_error" in frame.columns:

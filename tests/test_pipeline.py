@@ -132,3 +132,16 @@ def test_a_changed_option_reruns_its_step_and_the_ones_after(reference_run, tmp_
     after = json.loads((copy / "T" / "manifest.json").read_text())["steps"]["heatmaps"]
     assert before["inputs"]["options"]["rule"] == "hudd" and after["inputs"]["options"]["rule"] == "epsilon"
     assert before["outputs"] != after["outputs"]
+
+
+def test_the_summary_gives_every_repetitions_gain(tmp_path):
+    """One repetition's gain is noise-sized: with --reps N the summary shows the mean and each of them."""
+    import retrainModule
+
+    frame = pd.DataFrame({"mode": ["HUDD", "HUDD"], "test_accuracy": [0.828, 0.8346666666666667],
+                          "gain": [-0.1333333, 0.5333333], "improved": [42, 51], "worsened": [46, 35],
+                          "precision": [0.45, 0.45]})
+    text = Helper.summary_text(tmp_path, {"retrain": retrainModule.retrain_summary(frame)})
+    assert "after retraining     83.13% (HUDD, gain +0.20 points, mean of 2 repetitions: -0.13, +0.53)" in text
+    one = Helper.summary_text(tmp_path, {"retrain": retrainModule.retrain_summary(frame.iloc[:1])})
+    assert "after retraining     82.80% (HUDD, gain -0.13 points)" in one
