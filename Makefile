@@ -28,7 +28,7 @@ test: $(STAMP) system
 demo: $(STAMP) system
 	@test -f $(DEMO)/DataSets/.complete -a -f $(DEMO)/DNNModels/OriginalModel.pth || \
 	  $(PY) -m casestudies gaze -o $(DEMO) --force
-	$(PY) HUDD.py -o $(DEMO) -m OriginalModel.pth -mode HUDD -rq True
+	$(PY) HUDD.py -o $(DEMO) -m OriginalModel.pth -mode HUDD -rq True --reps 2
 
 clean-demo:
 	rm -rf $(DEMO)
