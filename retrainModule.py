@@ -167,10 +167,13 @@ def _fit(model, train_set, step, validate, *, epochs, device, optimizer, batch_s
         if sched:
             sched.step()
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1)}
-        if validate is not None:
-            record["val_accuracy"] = validate()
-        if monitor is not None:
-            record.update(monitor())
+        # Measuring must not move the training: a DataLoader draws its seed from the global generator,
+        # which would otherwise shift the dropout masks of every later epoch.
+        with torch.random.fork_rng(devices=[]):
+            if validate is not None:
+                record["val_accuracy"] = validate()
+            if monitor is not None:
+                record.update(monitor())
         history.append(record)
         if guard is not None:
             guard(record)

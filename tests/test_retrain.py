@@ -242,3 +242,27 @@ def test_retrain_factor_2_retrains_on_the_whole_labelled_unsafe_set(tmp_path):
     assert whole["n_distinct_added"] == 7 and whole["n_labelled"] == faithful["n_labelled"] == 7
     assert whole["n_train_added"] == 2 * 2 * max(sizes[1], sizes[2])
     assert whole["inputs"] != faithful["inputs"]        # a resumed RQ2 never mixes the two
+
+
+def test_measuring_each_epoch_does_not_change_the_training(tmp_path):
+    """--monitor-test and the held-out accuracy are diagnoses: the weights must be those of a run without them."""
+    import models
+    from common.data import ImageSet, ImageSpec, list_split
+    from conftest import TINY_CLASSES, TINY_SIZE
+
+    case = make_tiny_case(tmp_path / "case", train_epochs=0)
+    split = list_split(case / "DataSets", "TrainingSet")
+    spec = ImageSpec(3, TINY_SIZE, TINY_SIZE, (0.5,) * 3, (0.5,) * 3)
+    dataset = ImageSet(case / "DataSets", split.images, spec, [TINY_CLASSES.index(c) for c in split.labels])
+
+    def trained(**measure):
+        model, _ = models.load_model(case / "DNNModels" / "OriginalModel.pth")
+        rm.train_classifier(model, dataset, epochs=3, device="cpu", batch_size=8, seed=5, progress=False,
+                            select="last", **measure)
+        return model.state_dict()
+
+    probe, _ = models.load_model(case / "DNNModels" / "OriginalModel.pth")
+    plain = trained()
+    monitored = trained(monitor=lambda: {"test_accuracy": rm.accuracy(probe, dataset, "cpu")}, val_set=dataset)
+    for name in plain:
+        assert torch.equal(plain[name], monitored[name]), name
