@@ -105,7 +105,7 @@ def train_original(case_dir, spec, arch_args, epochs, seed, lr, batch_size, prog
         torch.set_num_threads(previous)
 
 
-STUCK_AFTER = 3             # epochs: a training still at chance by then has stalled (README, "The case builder")
+STUCK_AFTER = 3             # epochs: a training still at chance by then has stalled (README, "Built-in case studies")
 STUCK_MARGIN = 0.02         # accuracy above the largest class's share that counts as having learned something
 ATTEMPTS = 3                # trainings (the first with the seed asked for) before the build gives up
 
@@ -133,10 +133,11 @@ def stuck_guard(targets, epochs, after=STUCK_AFTER, margin=STUCK_MARGIN):
 
 
 def attempt_seed(seed, attempt):
-    """The training seed of attempt 0, 1, 2...: the seed asked for first, then seeds derived from it."""
-    import numpy as np
+    """The training seed of attempt 0, 1, 2...: the seed asked for first, then seeds derived from it
+    (the same derivation as retrainModule.rep_seed: a restart's initial weights are not a retraining's)."""
+    import retrainModule
 
-    return seed if attempt == 0 else int(np.random.SeedSequence([int(seed), attempt]).generate_state(1)[0])
+    return seed if attempt == 0 else retrainModule.rep_seed(seed, attempt)
 
 
 def _train(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, marker, attempts=ATTEMPTS):
