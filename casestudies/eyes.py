@@ -246,54 +246,90 @@ def render_eye(p, size=REFERENCE_SIZE, rng=None):
     y down) in LANDMARK_NAMES order; visible is False for a keypoint hidden by the eyelids or
     outside the image. `rng` draws the sensor noise (None: no noise).
     """
-    rot = _rotation(p["head_yaw"], p["head_pitch"], p["head_roll"])
-    scale = size * EYE_HALF_WIDTH * p["eye_scale"]
-    cx, cy = size * (EYE_CENTRE[0] + p["eye_shift_x"]), size * (EYE_CENTRE[1] + p["eye_shift_y"])
-    line = size / REFERENCE_SIZE
+    view = _View(p, size)
+    outline = _outlines(p, view)
+    alpha = _masks(p, view, outline)
+    img = _compose(p, view, alpha)
+    if p["blur"] > 0:
+        img = gaussian_filter(img, (p["blur"] * view.line, p["blur"] * view.line, 0))
+    if rng is not None:
+        img = img + rng.normal(0.0, p["noise"] / 255.0, img.shape)
+    image = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    landmarks, visible = _landmarks(p, view, outline)
+    return image, landmarks, visible
 
-    def project(points):
-        q = np.asarray(points, float) @ rot.T
-        return np.stack([cx + scale * q[..., 0], cy - scale * q[..., 1]], -1)
 
+class _View:
+    """The camera of one image: head rotation, eye placement and scale, line width, pixel grid."""
+
+    def __init__(self, p, size):
+        self.size = size
+        self.rot = _rotation(p["head_yaw"], p["head_pitch"], p["head_roll"])
+        self.scale = size * EYE_HALF_WIDTH * p["eye_scale"]
+        self.cx, self.cy = size * (EYE_CENTRE[0] + p["eye_shift_x"]), size * (EYE_CENTRE[1] + p["eye_shift_y"])
+        self.line = size / REFERENCE_SIZE
+        pix = (np.arange(size) + 0.5)
+        self.gx, self.gy = np.meshgrid(pix, pix)
+
+    def project(self, points):
+        q = np.asarray(points, float) @ self.rot.T
+        return np.stack([self.cx + self.scale * q[..., 0], self.cy - self.scale * q[..., 1]], -1)
+
+    def mask(self, draw_fn):
+        """An anti-aliased coverage mask in [0, 1]: drawn SUPERSAMPLE times finer, then box-filtered."""
+        canvas = Image.new("L", (self.size * SUPERSAMPLE, self.size * SUPERSAMPLE), 0)
+        draw_fn(ImageDraw.Draw(canvas))
+        return np.asarray(canvas.reduce(SUPERSAMPLE), dtype=np.float32) / 255.0
+
+    @staticmethod
+    def flat(pts):
+        return [tuple(v) for v in (pts * SUPERSAMPLE).tolist()]
+
+
+def _outlines(p, view):
+    """The projected outlines of lids, lid opening, iris rings, pupil and brow (pixel coordinates)."""
     t = np.linspace(-1.0, 1.0, LID_POINTS)
-    upper, lower, crease = (project(a) for a in _lids(p, t))
-    opening = np.concatenate([upper, lower[::-1]])
+    upper, lower, crease = (view.project(a) for a in _lids(p, t))
     angles = np.linspace(0, 2 * np.pi, CONTOUR_POINTS, endpoint=False)
     iris_r = p["iris_size"]
     iris_c3, iris3 = _disc(p, iris_r, angles)
     _, inner3 = _disc(p, iris_r * 0.72, angles)
     _, pupil3 = _disc(p, iris_r * p["pupil_size"], angles)
-    iris, inner, pupil = project(iris3), project(inner3), project(pupil3)
     brow_x = np.linspace(-1.3, 1.3, 17)
-    brow_top, brow_bottom, brow_mid = (project(a) for a in _brow(p, brow_x))
+    brow_top, brow_bottom, _ = (view.project(a) for a in _brow(p, brow_x))
+    return {"upper": upper, "lower": lower, "crease": crease, "opening": np.concatenate([upper, lower[::-1]]),
+            "iris_centre3": iris_c3, "iris": view.project(iris3), "inner": view.project(inner3),
+            "pupil": view.project(pupil3), "brow": np.concatenate([brow_top, brow_bottom[::-1]])}
 
-    ss = SUPERSAMPLE
-    def mask(draw_fn):
-        canvas = Image.new("L", (size * ss, size * ss), 0)
-        draw_fn(ImageDraw.Draw(canvas))
-        return np.asarray(canvas.reduce(ss), dtype=np.float32) / 255.0
 
-    flat = lambda pts: [tuple(v) for v in (pts * ss).tolist()]
-    a_open = mask(lambda d: d.polygon(flat(opening), fill=255))
-    a_iris = mask(lambda d: d.polygon(flat(iris), fill=255)) * a_open
-    a_inner = mask(lambda d: d.polygon(flat(inner), fill=255)) * a_open
-    a_pupil = mask(lambda d: d.polygon(flat(pupil), fill=255)) * a_open
-    a_lash = mask(lambda d: (d.line(flat(upper), fill=255, width=max(1, round(p["lash_thickness"] * line * ss)),
-                                    joint="curve"),
-                             d.line(flat(lower), fill=90, width=max(1, round(0.6 * line * ss)))))
-    a_crease = mask(lambda d: d.line(flat(crease[4:-4]), fill=255, width=max(1, round(0.8 * line * ss))))
-    a_brow = mask(lambda d: d.polygon(flat(np.concatenate([brow_top, brow_bottom[::-1]])), fill=255))
+def _masks(p, view, o):
+    """Coverage of each part of the image; iris and pupil only where the lids are open."""
+    mask, flat, line, ss = view.mask, view.flat, view.line, SUPERSAMPLE
+    a_open = mask(lambda d: d.polygon(flat(o["opening"]), fill=255))
+    return {
+        "open": a_open,
+        "iris": mask(lambda d: d.polygon(flat(o["iris"]), fill=255)) * a_open,
+        "inner": mask(lambda d: d.polygon(flat(o["inner"]), fill=255)) * a_open,
+        "pupil": mask(lambda d: d.polygon(flat(o["pupil"]), fill=255)) * a_open,
+        "lash": mask(lambda d: (d.line(flat(o["upper"]), fill=255,
+                                       width=max(1, round(p["lash_thickness"] * line * ss)), joint="curve"),
+                                d.line(flat(o["lower"]), fill=90, width=max(1, round(0.6 * line * ss))))),
+        "crease": mask(lambda d: d.line(flat(o["crease"][4:-4]), fill=255, width=max(1, round(0.8 * line * ss)))),
+        "brow": mask(lambda d: d.polygon(flat(o["brow"]), fill=255)),
+    }
 
-    # Shading: a height field of the face around the eye gives skin normals; the eyeball is a sphere.
-    pix = (np.arange(size) + 0.5)
-    gx, gy = np.meshgrid(pix, pix)
-    inv = rot.T
-    hx, hy = (gx - cx) / scale, -(gy - cy) / scale
+
+def _shading(p, view):
+    """Lambert shading of the skin (a height field of the face around the eye) and of the eyeball (a sphere).
+
+    Returns (skin shade, eyeball shade, head-frame x of each pixel, light direction)."""
+    inv = view.rot.T
+    hx, hy = (view.gx - view.cx) / view.scale, -(view.gy - view.cy) / view.scale
     xr, yr = inv[0, 0] * hx + inv[0, 1] * hy, inv[1, 0] * hx + inv[1, 1] * hy
     height = (-0.35 * np.exp(-(xr / 1.5) ** 2 - ((yr - 0.05) / 0.9) ** 2)
               + 0.3 * np.exp(-((yr - p["brow_height"]) / 0.35) ** 2) / (1 + (xr / 1.6) ** 4)
               + 0.3 * np.exp(-((yr + 1.3) / 0.6) ** 2))
-    dh_dy, dh_dx = np.gradient(height, 1.0 / scale)
+    dh_dy, dh_dx = np.gradient(height, 1.0 / view.scale)
     az, el = math.radians(p["light_azimuth"]), math.radians(p["light_elevation"])
     light = np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
     normal = np.stack([-dh_dx, dh_dy, np.ones_like(height)], -1)   # image rows run downwards
@@ -303,44 +339,49 @@ def render_eye(p, size=REFERENCE_SIZE, rng=None):
     ball = np.stack([xr, yr, np.sqrt(np.clip(LID_RADIUS ** 2 - xr ** 2 - yr ** 2, 0.05, None))], -1)
     ball /= np.linalg.norm(ball, axis=-1, keepdims=True)
     eye_shade = ambient + intensity * np.clip(ball @ light, 0.15, None)
+    return skin_shade, eye_shade, xr, light
 
+
+def _compose(p, view, a):
+    """The lit image before blur and noise: skin, eyeball, iris, pupil, glint, lashes, crease, brow, glasses."""
+    skin_shade, eye_shade, xr, light = _shading(p, view)
+    intensity, line = p["light_intensity"], view.line
     skin = (SKIN_DARK + (SKIN_LIGHT - SKIN_DARK) * p["skin_brightness"]) * skin_shade[..., None]
-    occlusion = gaussian_filter(a_open, 1.2 * line)                      # lids shade the eyeball's edge
+    occlusion = gaussian_filter(a["open"], 1.2 * line)                   # lids shade the eyeball's edge
     corner_shadow = 1 - 0.3 * xr.clip(-1, 1) ** 2
     sclera = SCLERA * p["sclera_brightness"] * ((0.45 + 0.55 * occlusion) * corner_shadow)[..., None]
     iris_colour = np.clip(IRIS_COLOURS[int(p["iris_colour"])] * p["iris_brightness"], 0, 1)
     eye = sclera * eye_shade[..., None]
-    ring = np.clip(a_iris - a_inner, 0, 1)
+    ring = np.clip(a["iris"] - a["inner"], 0, 1)
     eye = _mix(eye, iris_colour * 0.55 * eye_shade[..., None], ring)
-    eye = _mix(eye, iris_colour * eye_shade[..., None], a_inner)
-    eye = _mix(eye, np.full(3, 0.02), a_pupil)
-    glint = project([_glint_point(light, rot)])[0]
-    spot = np.exp(-((gx - glint[0]) ** 2 + (gy - glint[1]) ** 2) / (2 * (0.7 * line) ** 2))
-    eye = eye + (1.2 * intensity * spot * a_open)[..., None]
-    img = _mix(skin, eye, a_open)
-    img = _mix(img, LASH, 0.9 * a_lash)
-    img = _mix(img, skin * 0.6, 0.35 * a_crease)
-    img = _mix(img, BROW * (0.5 + skin_shade[..., None]), 0.9 * gaussian_filter(a_brow, 0.5 * line))
+    eye = _mix(eye, iris_colour * eye_shade[..., None], a["inner"])
+    eye = _mix(eye, np.full(3, 0.02), a["pupil"])
+    glint = view.project([_glint_point(light, view.rot)])[0]
+    spot = np.exp(-((view.gx - glint[0]) ** 2 + (view.gy - glint[1]) ** 2) / (2 * (0.7 * line) ** 2))
+    eye = eye + (1.2 * intensity * spot * a["open"])[..., None]
+    img = _mix(skin, eye, a["open"])
+    img = _mix(img, LASH, 0.9 * a["lash"])
+    img = _mix(img, skin * 0.6, 0.35 * a["crease"])
+    img = _mix(img, BROW * (0.5 + skin_shade[..., None]), 0.9 * gaussian_filter(a["brow"], 0.5 * line))
     if p["glasses"]:
-        img = _glasses(img, p, project, mask, flat, gx, gy, intensity, line, ss)
+        img = _glasses(img, p, view)
+    return img
 
-    if p["blur"] > 0:
-        img = gaussian_filter(img, (p["blur"] * line, p["blur"] * line, 0))
-    if rng is not None:
-        img = img + rng.normal(0.0, p["noise"] / 255.0, img.shape)
-    image = (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
-    iris_centre = project([iris_c3])
-    iris_marks = project(_disc(p, iris_r, np.radians(np.arange(0, 360, 45)))[1])
-    corners = np.stack([upper[0], upper[-1]])
+def _landmarks(p, view, o):
+    """The 27 landmarks in LANDMARK_NAMES order and which are visible (inside the image, not under a lid)."""
+    size = view.size
+    iris_centre = view.project([o["iris_centre3"]])
+    iris_marks = view.project(_disc(p, p["iris_size"], np.radians(np.arange(0, 360, 45)))[1])
+    corners = np.stack([o["upper"][0], o["upper"][-1]])
     lid_t = np.asarray(LID_LANDMARK_T)
-    up_marks, low_marks, _ = (project(a) for a in _lids(p, lid_t))
-    brow_marks = project(_brow(p, np.linspace(-1.1, 1.1, 6))[2])
+    up_marks, low_marks, _ = (view.project(a) for a in _lids(p, lid_t))
+    brow_marks = view.project(_brow(p, np.linspace(-1.1, 1.1, 6))[2])
     landmarks = np.concatenate([corners, up_marks, low_marks, iris_centre, iris_marks, brow_marks]).astype(np.float32)
     visible = np.all((landmarks >= 0) & (landmarks < size), axis=1)
     eye_points = slice(len(corners) + 2 * len(lid_t), len(corners) + 2 * len(lid_t) + 9)
-    visible[eye_points] &= _inside(landmarks[eye_points], opening) if p["eyelid_opening"] > 0 else False
-    return image, landmarks, visible
+    visible[eye_points] &= _inside(landmarks[eye_points], o["opening"]) if p["eyelid_opening"] > 0 else False
+    return landmarks, visible
 
 
 def _glint_point(light, rot):
@@ -350,8 +391,10 @@ def _glint_point(light, rot):
     return np.array([0.0, 0.0, -EYEBALL_DEPTH]) + rot.T @ (half * EYEBALL_RADIUS * CORNEA_BULGE)
 
 
-def _glasses(img, p, project, mask, flat, gx, gy, intensity, line, ss):
-    rim = project(_glasses_rim(np.linspace(0, 2 * np.pi, 48, endpoint=False)))
+def _glasses(img, p, view):
+    mask, flat, gx, gy = view.mask, view.flat, view.gx, view.gy
+    intensity, line, ss = p["light_intensity"], view.line, SUPERSAMPLE
+    rim = view.project(_glasses_rim(np.linspace(0, 2 * np.pi, 48, endpoint=False)))
     a_lens = mask(lambda d: d.polygon(flat(rim), fill=255))
     a_rim = mask(lambda d: d.line(flat(np.concatenate([rim, rim[:1]])), fill=255,
                                   width=max(1, round(1.3 * line * ss)), joint="curve"))
