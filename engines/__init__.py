@@ -13,6 +13,7 @@ its heatmaps, so memory is flat in the number of improvement images on both engi
 imported only when the `ray` engine is chosen.
 """
 from common.errors import HUDDError
+from common.inference import predict, predict_keypoints
 
 ENGINES = ("local", "ray")
 
@@ -23,13 +24,9 @@ class LocalEngine:
     name = "local"
 
     def logits(self, model, dataset, device, batch_size=64, workers=0, desc=None, progress=True):
-        from testModule import predict
-
         return predict(model, dataset, device, batch_size, workers, desc=desc, progress=progress)
 
     def keypoints(self, model, dataset, device, batch_size=64, workers=0, desc=None, progress=True):
-        from testModule import predict_keypoints
-
         return predict_keypoints(model, dataset, device, batch_size, workers, desc=desc, progress=progress)
 
     def distances(self, model, dataset, layer, members, labels, batch_size, device, rule="hudd", workers=0,

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import HUDDError
+from common.inference import decode_keypoints, stack_filled
 
 ROOT = Path(__file__).resolve().parents[1]
 KILL_ONCE = "HUDD_RAY_KILL_ONCE"
@@ -104,8 +105,6 @@ class _Worker:
         if job.kind == "logits":
             value = outputs.numpy().astype(np.float32)
             return {"index": index, "value": value, "error": errors.astype(str)}
-        from testModule import decode_keypoints
-
         coords = np.asarray(decode_keypoints(outputs), dtype=np.float32)
         peaks = outputs.flatten(2).amax(2).numpy()
         return {"index": index, "value": coords.reshape(len(index), -1), "peaks": peaks, "error": errors.astype(str)}
@@ -198,8 +197,6 @@ class RayEngine:
                     skipped[int(index)] = str(error)
                 else:
                     outputs[int(index)] = value
-        from testModule import stack_filled
-
         return stack_filled(outputs, (0,)), skipped
 
     def keypoints(self, model, dataset, device, batch_size=64, workers=0, desc=None, progress=True):
@@ -211,8 +208,6 @@ class RayEngine:
                     skipped[int(index)] = str(error)
                 else:
                     coords[int(index)], peaks[int(index)] = value.reshape(-1, 2), peak
-        from testModule import stack_filled
-
         return stack_filled(coords, (0, 2)), stack_filled(peaks, (0,)), skipped
 
     def distances(self, model, dataset, layer, members, labels, batch_size, device, rule="hudd", workers=0,

@@ -193,3 +193,14 @@ def test_unreadable_images_are_nan_rows_of_the_read_images_shape():
     assert np.isnan(rows[1]).all() and rows[2].tolist() == [3.0, 4.0]
     assert testModule.stack_filled([None, None], (0, 2)).shape == (2, 0, 2)
     assert testModule.stack_filled([], (0, 2)).shape == (0, 0, 2)
+
+
+def test_engines_run_inference_without_importing_the_test_step():
+    """engines/ takes the per-image inference from common.inference, so testModule and engines do not import each other."""
+    code = ("import sys, engines, engines.rayengine; "
+            "assert 'testModule' not in sys.modules, 'engines imported testModule'; "
+            "import testModule, common.inference as core; "
+            "assert all(getattr(testModule, n) is getattr(core, n) "
+            "for n in ('predict', 'predict_keypoints', 'stack_filled', 'decode_keypoints'))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
