@@ -8,6 +8,7 @@ from PIL import Image
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.spatial.distance import pdist, squareform
 
+import clustering.distances
 import clusterModule as cm
 from common.errors import HUDDError
 
@@ -66,7 +67,7 @@ def test_write_distances_writes_npy_and_xlsx_with_image_keys(tmp_path):
 
 
 def test_xlsx_beyond_excel_columns_is_skipped_with_a_note(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cm, "XLSX_MAX_COLUMNS", 5)
+    monkeypatch.setattr(clustering.distances, "XLSX_MAX_COLUMNS", 5)
     np.save(tmp_path / "Layer1.npy", planted(8, dims=4)[0])
     cm.write_distances(tmp_path / "Layer1.npy", tmp_path / "D.npy", xlsx=tmp_path / "D.xlsx", progress=False)
     assert (tmp_path / "D.npy").is_file() and not (tmp_path / "D.xlsx").exists()

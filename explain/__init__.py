@@ -1,0 +1,4 @@
+"""Root-cause clusters in words: rules over the simulator parameters and descriptions without them
+(rules), and the paper's RQ1 variance measure (rq1). Reads the clusters that clustering/ wrote and
+never imports clusterModule, which imports RQ1 from here.
+"""
