@@ -1,4 +1,4 @@
-"""Robustness curves and perturbation-based improvement sets (issue 14): robustnessModule and -step robustness.
+"""Robustness curves and perturbation-based improvement sets: robustnessModule and -step robustness.
 
 What a user relies on: a perturbation at amplitude 0 leaves the image alone and a larger amplitude
 degrades it more; curves and written images are the same for a seed whatever the batch size; the
