@@ -51,21 +51,31 @@ TRAINING = {   # per case study and scale: epochs, learning rate, batch size
     ("openclosed", "default"): (6, 2e-3, 64), ("openclosed", "small"): (2, 2e-3, 32),
     ("fmnist", "default"): (3, 2e-3, 128), ("fmnist", "small"): (2, 2e-3, 32),
 }
+ARCH_TRAINING = {   # per case study, scale and --arch where it differs from TRAINING
+    ("openclosed", "default", "smallalexnet-bn"): (10, 2e-3, 64),
+}
 NET_WIDTH, NET_HIDDEN = 16, 256
+ARCHS = {"smallalexnet": {}, "smallalexnet-bn": {"batchnorm": True}}   # --arch -> SmallAlexNet keywords
+DEFAULT_ARCH = "smallalexnet"
+DESIGNS = ("rarer", "incomplete", "oracle")     # how rare the named conditions are in TrainingSet (eyes.py)
+DEFAULT_DESIGN = "rarer"
 
 
-def build(name, case_dir, seed=0, scale="default", progress=True, force=False, threads=None):
+def build(name, case_dir, seed=0, scale="default", progress=True, force=False, threads=None,
+          arch=DEFAULT_ARCH, design=DEFAULT_DESIGN):
     """Build case study `name` into `case_dir` (data sets, params.csv, trained DNN); return the case path.
 
     Refuses to replace existing data sets or model unless `force`; a build killed while writing
     images is redone, one killed while training resumes at training. `threads`: torch threads for
     training (None: all CPUs; on a machine busy with other jobs 1 is several times faster).
+    `arch`: the DNN (ARCHS); `design`: how rare the named conditions are in TrainingSet (DESIGNS).
     """
     from casestudies import casefolder
     from common.data import ImageSpec
 
     if name not in NAMES:
         raise HUDDError(f"unknown case study {name!r}; use one of {', '.join(NAMES)}")
+    _check_options(name, arch, design)
     if name == "landmarks":
         from casestudies import landmarks
 
@@ -77,18 +87,18 @@ def build(name, case_dir, seed=0, scale="default", progress=True, force=False, t
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise HUDDError(f"--threads {threads!r}; use a positive integer")
     case = Path(case_dir)
-    marker = {"case_study": name, "seed": seed, "scale": scale}
+    marker = {"case_study": name, "seed": seed, "scale": scale, "design": design}
     if casefolder.plan(case, marker, force) == "data":
         staging = casefolder.staging_dir(case)
         start = time.time()
-        mean, std = _write(name, staging, seed, scale, progress)
+        mean, std = _write(name, staging, seed, scale, progress, design)
         casefolder.publish(case, staging, {**marker, "mean": list(mean), "std": list(std),
                                            "write_seconds": round(time.time() - start, 1)})
     written = casefolder.read_marker(case / "DataSets")
     channels, side = (1, 28) if name == "fmnist" else (3, _eye_size())
     spec = ImageSpec(channels, side, side, tuple(written["mean"]), tuple(written["std"]), "exact")
-    epochs, lr, batch_size = TRAINING[(name, scale)]
-    arch_args = dict(in_channels=channels, input_size=side, width=NET_WIDTH, hidden=NET_HIDDEN)
+    epochs, lr, batch_size = ARCH_TRAINING.get((name, scale, arch), TRAINING[(name, scale)])
+    arch_args = dict(in_channels=channels, input_size=side, width=NET_WIDTH, hidden=NET_HIDDEN, **ARCHS[arch])
     casefolder.train_original(case, spec, arch_args, epochs, seed, lr, batch_size, progress, marker, threads)
     return case
 
@@ -99,11 +109,22 @@ def _eye_size():
     return IMAGE_SIZE
 
 
-def _write(name, root, seed, scale, progress):
+def _check_options(name, arch, design):
+    if arch not in ARCHS:
+        raise HUDDError(f"--arch {arch!r}; use one of {', '.join(ARCHS)}")
+    if arch != DEFAULT_ARCH and name == "landmarks":
+        raise HUDDError(f"--arch {arch}: the landmarks case study trains KPNet; leave --arch out")
+    if design not in DESIGNS:
+        raise HUDDError(f"--design {design!r}; use one of {', '.join(DESIGNS)}")
+    if design != DEFAULT_DESIGN and name not in ("gaze", "openclosed"):
+        raise HUDDError(f"--design {design}: only gaze and openclosed have named conditions; leave --design out")
+
+
+def _write(name, root, seed, scale, progress, design):
     if name == "fmnist":
         from casestudies import fashion
 
         return fashion.write_datasets(root, seed, scale, progress)
     from casestudies import eyecases
 
-    return eyecases.write_datasets(root, name, seed, scale, progress)
+    return eyecases.write_datasets(root, name, seed, scale, progress, design)

@@ -3,7 +3,7 @@ import argparse
 import sys
 import time
 
-from casestudies import NAMES, SCALE_NAMES, build
+from casestudies import ARCHS, DEFAULT_ARCH, DEFAULT_DESIGN, DESIGNS, NAMES, SCALE_NAMES, build
 from common.errors import HUDDError
 
 
@@ -17,6 +17,13 @@ def main(argv=None):
     parser.add_argument("--force", action="store_true", help="replace existing DataSets/ and OriginalModel.pth")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for training (default: all CPUs; 1 is faster on a busy machine)")
+    parser.add_argument("--arch", choices=ARCHS, default=DEFAULT_ARCH,
+                        help="the DNN: smallalexnet (AlexNet's shape, the default) or smallalexnet-bn "
+                             "(BatchNorm after each convolution, fits its training set)")
+    parser.add_argument("--design", choices=DESIGNS, default=DEFAULT_DESIGN,
+                        help="gaze, openclosed: how rare the named conditions are in TrainingSet: rarer "
+                             "(4 times rarer than in TestSet, the default), incomplete (each at most 1%%), "
+                             "oracle (at TestSet's share)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--from-rules", metavar="CASE", help="instead of a case study: render an improvement set "
                         "inside the rules of CASE's root-cause clusters (-rq True writes them) into -o")
@@ -28,7 +35,7 @@ def main(argv=None):
         return _from_rules(args, start)
     try:
         case = build(args.name, args.output, seed=args.seed, scale=args.scale, progress=not args.quiet,
-                     force=args.force, threads=args.threads)
+                     force=args.force, threads=args.threads, arch=args.arch, design=args.design)
     except HUDDError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -37,8 +44,10 @@ def main(argv=None):
 
     written = read_marker(case / "DataSets")
     _, meta = models.load_model(case / "DNNModels" / "OriginalModel.pth")
+    fit = meta["extra"].get("train_accuracy")
+    fit = "" if fit is None else f", training accuracy {fit:.2%}"
     print(f"{args.name}: {case}/DataSets (written in {written.get('write_seconds', 0):.0f} s) and "
-          f"{case}/DNNModels/OriginalModel.pth (trained in {meta['extra'].get('train_seconds', 0):.0f} s); "
+          f"{case}/DNNModels/OriginalModel.pth (trained in {meta['extra'].get('train_seconds', 0):.0f} s{fit}); "
           f"{time.time() - start:.0f} s in all")
     return 0
 

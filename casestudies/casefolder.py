@@ -13,12 +13,14 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from casestudies import DEFAULT_DESIGN
 from common.errors import HUDDError
 
 MARKER = ".complete"
 STAGING = ".DataSets.building"
 MODEL_FILE = "OriginalModel.pth"
-MARKER_KEYS = ("case_study", "seed", "scale")
+MARKER_KEYS = ("case_study", "seed", "scale", "design")
+MARKER_DEFAULTS = {"design": DEFAULT_DESIGN}    # markers written before the key existed hold the default's data
 PARALLEL_FROM = 2000        # images; below this a worker pool costs more than it saves
 
 
@@ -44,7 +46,7 @@ def plan(case_dir, wanted, force):
         return "data"
     marker = read_marker(datasets)
     if datasets.is_dir() and any(datasets.iterdir()):
-        same = marker is not None and all(marker.get(k) == wanted[k] for k in MARKER_KEYS)
+        same = marker is not None and all(_marked(marker, k) == _marked(wanted, k) for k in MARKER_KEYS)
         if same and not model.exists():
             return "train"
         what = "a finished build of this case study" if same else "data sets"
@@ -53,6 +55,10 @@ def plan(case_dir, wanted, force):
     if model.exists():
         raise HUDDError(f"{model}: exists; pass --force (force=True) to replace it, or choose another -o folder")
     return "data"
+
+
+def _marked(marker, key):
+    return marker.get(key, MARKER_DEFAULTS.get(key))
 
 
 def staging_dir(case_dir):
@@ -179,8 +185,9 @@ def _train(case_dir, spec, arch_args, epochs, seed, lr, batch_size, progress, ma
     models.save_model(path, model, "smallalexnet", classes=train.classes,
                       input_size=(spec.channels, spec.height, spec.width), mean=spec.mean, std=spec.std,
                       arch_args=dict(num_classes=len(train.classes), **arch_args), preprocess="exact",
-                      extra={"trained_by": "casestudies", **{k: marker[k] for k in MARKER_KEYS},
+                      extra={"trained_by": "casestudies", **{k: _marked(marker, k) for k in MARKER_KEYS},
                              "train_seed": train_seed, "restarts": attempt,
                              "epochs": epochs, "final_train_accuracy": history[-1]["train_accuracy"],
-                             "train_seconds": round(time.time() - start, 1)})
+                             "train_seconds": round(time.time() - start, 1),
+                             "train_accuracy": retrainModule.accuracy(model, dataset, device)})
     return path

@@ -26,15 +26,17 @@ def labels_for(task, params):
     return eyes.eye_state_labels(params["eyelid_opening"])
 
 
-def write_datasets(root, task, seed, scale, progress=True):
+def write_datasets(root, task, seed, scale, progress=True, design=eyes.DEFAULT_DESIGN):
     """Render every split of `task` into `root` (a DataSets folder) and write params.csv.
 
+    `design` sets how rare the named conditions are in TrainingSet (casestudies.DESIGNS); a design other
+    than the default also writes each condition as a 0/1 column of params.csv (eyes.CONDITION_COLUMN).
     Returns the per-channel mean and std of the training images (for the model's normalisation).
     """
     tables, sums = [], None
     for split, n in SCALES[scale].items():
         rng = np.random.default_rng([seed, TASK_IDS[task], SPLIT_IDS[split]])
-        params = eyes.sample_parameters(rng, n, task, split)
+        params = eyes.sample_parameters(rng, n, task, split, design)
         labels = labels_for(task, params)
         images = [f"{split}/{label}/{i:06d}.png" for i, label in enumerate(labels)]
         for label in (eyes.GAZE_SECTORS if task == "gaze" else eyes.EYE_STATES):
@@ -46,7 +48,8 @@ def write_datasets(root, task, seed, scale, progress=True):
         stats = run_chunks(work, chunks, progress, f"{task} {split}", n)
         if split == "TrainingSet":
             sums = np.sum(stats, axis=0)
-        tables.append(pd.concat([pd.DataFrame({"image": images}), params], axis=1))
+        columns = [params] if design == eyes.DEFAULT_DESIGN else [params, eyes.condition_columns(params, task)]
+        tables.append(pd.concat([pd.DataFrame({"image": images}), *columns], axis=1))
     write_csv(root / "params.csv", pd.concat(tables, ignore_index=True))
     count = sums[0]
     mean = sums[1:4] / count

@@ -17,6 +17,8 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
+from casestudies import DEFAULT_DESIGN
+
 # Labels ------------------------------------------------------------------------------------------
 GAZE_SECTORS = ("MiddleRight", "TopRight", "TopCenter", "TopLeft",
                 "MiddleLeft", "BottomLeft", "BottomCenter", "BottomRight")  # counter-clockwise from 0 deg
@@ -45,6 +47,12 @@ CONDITION_SHARES = {          # TrainingSet, TestSet, ImprovementSet
     "glasses": (0.03, 0.12, 0.30),                 # glasses with reflections
 }
 SPLIT_COLUMN = {"TrainingSet": 0, "TestSet": 1, "ImprovementSet": 2}
+# Split designs: how rare the conditions are in TrainingSet (TestSet and ImprovementSet keep their shares).
+# "rarer" is the one above; "incomplete" leaves each condition at INCOMPLETE_SHARE of the training set,
+# so that the DNN cannot learn it there (what HUDD's retraining is for); "oracle" trains with every
+# condition at its test share, which measures whether a DNN can learn the condition at all.
+INCOMPLETE_SHARE = 0.005    # 70 of 14,000 training images per condition: at most 1% within sampling error
+CONDITION_COLUMN = "condition_{}"   # params.csv: one 0/1 column per named condition (designs other than rarer)
 OC_CLOSED, OC_BORDERLINE = 0.3, 0.35  # openclosed: share of closed eyes and of the ambiguous band
 OC_BAND = (0.18, 0.42)      # openclosed: the ambiguous band of eyelid openings around CLOSED_BELOW
 OC_EYE_SCALE = (0.5, 0.95)  # openclosed: the eye is seen from further away, so the lid gap is a few pixels
@@ -103,10 +111,14 @@ def eye_state_labels(eyelid_opening):
     return np.where(np.asarray(eyelid_opening, float) < CLOSED_BELOW, EYE_STATES[0], EYE_STATES[1])
 
 
-def condition_shares(split="TestSet"):
-    """{condition: share of images} of a split (CONDITION_SHARES; the test set's for an unknown split name)."""
+def condition_shares(split="TestSet", design=DEFAULT_DESIGN):
+    """{condition: share of images} of a split in a split design (the test set's for an unknown split name)."""
     column = SPLIT_COLUMN.get(split, SPLIT_COLUMN["TestSet"])
-    return {name: shares[column] for name, shares in CONDITION_SHARES.items()}
+    shares = {name: shares[column] for name, shares in CONDITION_SHARES.items()}
+    if column == SPLIT_COLUMN["TrainingSet"] and design != DEFAULT_DESIGN:
+        test = condition_shares("TestSet")
+        shares = {name: INCOMPLETE_SHARE if design == "incomplete" else test[name] for name in shares}
+    return shares
 
 
 def condition_masks(params, task="gaze"):
@@ -122,15 +134,22 @@ def condition_masks(params, task="gaze"):
     return {name: np.asarray(mask, bool) for name, mask in masks.items()}
 
 
-def sample_parameters(rng, n, task="gaze", split="TestSet"):
+def condition_columns(params, task="gaze"):
+    """The named conditions of each scene as 0/1 columns (CONDITION_COLUMN), in CONDITIONS order."""
+    return pd.DataFrame({CONDITION_COLUMN.format(name): mask.astype(int)
+                         for name, mask in condition_masks(params, task).items()}, index=params.index)
+
+
+def sample_parameters(rng, n, task="gaze", split="TestSet", design=DEFAULT_DESIGN):
     """Draw `n` scenes of a split: a DataFrame with one column per entry of PARAMETERS (booleans as 0/1).
 
-    The split sets how often each named condition occurs (condition_shares); everything else is
-    drawn alike in every split.
+    The split and design set how often each named condition occurs (condition_shares); everything
+    else is drawn alike in every split. The designs draw the same random numbers, so a scene differs
+    between designs only where a condition's share moves it in or out of that condition.
     """
     u = lambda lo, hi: rng.uniform(lo, hi, n)
     rare = lambda share: rng.random(n) < share
-    share = condition_shares(split)
+    share = condition_shares(split, design)
     sign = lambda: rng.choice([-1.0, 1.0], n)
     p = {}
     radius, direction = MAX_GAZE_DEG * np.sqrt(rng.random(n)), u(0.0, 360.0)

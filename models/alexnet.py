@@ -50,32 +50,32 @@ class SmallAlexNet(nn.Module):
     """AlexNet's shape (5 convolutions, overlapping max-pools, 3 dense layers) for 28 to 64 px inputs.
 
     Small enough to train in minutes on two CPU cores; same module names as AlexNet so that
-    heatmap layer numbering reads the same way.
+    heatmap layer numbering reads the same way. `batchnorm`: a BatchNorm2d after each convolution
+    (which then has no bias), so that the net fits its training set; the LRP engine merges each
+    one into its convolution, and the layer numbers then count the BatchNorm modules too.
     """
 
-    def __init__(self, num_classes=10, in_channels=1, input_size=28, width=32, hidden=256):
+    def __init__(self, num_classes=10, in_channels=1, input_size=28, width=32, hidden=256, batchnorm=False):
         super().__init__()
         w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, w, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-            nn.Conv2d(w, 2 * w, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-            nn.Conv2d(2 * w, 4 * w, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(4 * w, 4 * w, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(4 * w, 4 * w, kernel_size=3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
-        )
+        layers = []
+        for index, (cin, cout) in enumerate([(in_channels, w), (w, 2 * w), (2 * w, 4 * w), (4 * w, 4 * w),
+                                             (4 * w, 4 * w)]):
+            layers.append(nn.Conv2d(cin, cout, kernel_size=3, padding=1, bias=not batchnorm))
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(cout))
+            layers.append(nn.ReLU(inplace=True))
+            if index in POOLED_CONVS:
+                layers.append(nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+        self.features = nn.Sequential(*layers)
         side = _feature_side(self.features, in_channels, input_size)
         self.classifier = _classifier(4 * w * side * side, hidden, num_classes)
 
     def forward(self, x):
         return self.classifier(torch.flatten(self.features(x), 1))
+
+
+POOLED_CONVS = (0, 1, 4)    # AlexNet max-pools after its first, second and fifth convolutions
 
 
 def _feature_side(features, in_channels, input_size):

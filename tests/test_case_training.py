@@ -96,3 +96,18 @@ def test_short_trainings_are_not_judged():
         long({"epoch": 3, "train_accuracy": 0.51, "train_loss": 0.69})
     with pytest.raises(casefolder.TrainingStuck, match="epoch 10"):
         long({"epoch": 10, "train_accuracy": 0.5, "train_loss": 0.69})
+
+
+def test_the_batchnorm_net_trains_and_the_model_file_records_its_training_accuracy(easy_case):
+    """The training accuracy stored is that of the saved weights in eval mode, measured again here."""
+    path = casefolder.train_original(easy_case, SPEC, dict(ARCH, batchnorm=True), 3, 0, 2e-2, 8, False, MARKER,
+                                     threads=1)
+    model, meta = models.load_model(path)
+    assert meta["arch_args"]["batchnorm"] is True
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    from common.data import ImageSet, list_case
+
+    train = list_case(easy_case)["TrainingSet"]
+    dataset = ImageSet(easy_case / "DataSets", train.images, SPEC, [train.classes.index(c) for c in train.labels])
+    assert meta["extra"]["train_accuracy"] == retrainModule.accuracy(model, dataset, "cpu") > 0.9
+    assert meta["extra"]["design"] == "rarer"       # the default when the marker names none

@@ -11,7 +11,7 @@ from PIL import Image
 
 import casestudies
 import models
-from casestudies import eyes, fashion
+from casestudies import eyecases, eyes, fashion
 from casestudies.__main__ import main
 from common.errors import HUDDError
 
@@ -75,13 +75,13 @@ def test_gaze_model_loads_with_the_folder_classes(gaze_case):
 
 def test_same_seed_same_bytes_other_seed_other_data(gaze_case, tmp_path):
     again = tmp_path / "again"
-    casestudies.eyecases.write_datasets(again / "DataSets", "gaze", seed=3, scale="small", progress=False)
+    eyecases.write_datasets(again / "DataSets", "gaze", seed=3, scale="small", progress=False)
     files = _files(gaze_case)
     assert _files(again) == files
     same = lambda rel: (gaze_case / "DataSets" / rel).read_bytes() == (again / "DataSets" / rel).read_bytes()
     assert same("params.csv") and all(same(rel) for rel in files)
     other = tmp_path / "other" / "DataSets"
-    casestudies.eyecases.write_datasets(other, "gaze", seed=4, scale="small", progress=False)
+    eyecases.write_datasets(other, "gaze", seed=4, scale="small", progress=False)
     assert (other / "params.csv").read_bytes() != (gaze_case / "DataSets" / "params.csv").read_bytes()
 
 
@@ -223,3 +223,100 @@ def test_built_splits_follow_the_condition_shares(gaze_case):
     rare = {s: np.any(list(eyes.condition_masks(params[split == s]).values()), axis=0).mean() for s in SPLITS}
     assert rare["TrainingSet"] < rare["TestSet"] < rare["ImprovementSet"], rare
     assert (split == "ImprovementSet").sum() == 2 * (split == "TestSet").sum()
+
+
+# --- split designs: conditions the training set lacks (incomplete) or holds at the test share (oracle) --
+
+@pytest.mark.parametrize("task", ["gaze", "openclosed"])
+def test_designs_move_only_the_training_share(task):
+    """incomplete: each condition at most 1% of TrainingSet; oracle: at TestSet's share; other splits unchanged."""
+    n = 20000
+    draw = lambda split, design: eyes.sample_parameters(np.random.default_rng([7, 1]), n, task, split, design)
+    for design, expected in (("incomplete", eyes.INCOMPLETE_SHARE), ("oracle", None)):
+        masks = eyes.condition_masks(draw("TrainingSet", design), task)
+        for name, mask in masks.items():
+            share = eyes.condition_shares("TestSet")[name] if expected is None else expected
+            assert abs(mask.mean() - share) < 4 * math.sqrt(share * (1 - share) / n), (design, name, mask.mean())
+            assert design != "incomplete" or mask.mean() <= 0.01, name
+        for split in ("TestSet", "ImprovementSet"):
+            pd.testing.assert_frame_equal(draw(split, design), draw(split, "rarer"))
+
+
+def test_a_design_writes_its_conditions_as_columns_of_params_csv(tmp_path, monkeypatch):
+    monkeypatch.setitem(eyecases.SCALES, "small", {s: 12 for s in SPLITS})
+    root = tmp_path / "DataSets"
+    eyecases.write_datasets(root, "gaze", seed=2, scale="small", progress=False, design="incomplete")
+    params = pd.read_csv(root / "params.csv")
+    columns = [c for c in params.columns if c.startswith("condition_")]
+    assert columns == [f"condition_{name}" for name in eyes.CONDITIONS]
+    for name, mask in eyes.condition_masks(params).items():
+        assert (params[f"condition_{name}"].to_numpy() == mask.astype(int)).all(), name
+    default = tmp_path / "default"
+    eyecases.write_datasets(default, "gaze", seed=2, scale="small", progress=False)
+    assert not [c for c in pd.read_csv(default / "params.csv").columns if c.startswith("condition_")]
+
+
+def test_design_and_arch_options_are_checked():
+    with pytest.raises(HUDDError, match="--design incomplete: only gaze and openclosed"):
+        casestudies.build("fmnist", "/nonexistent", scale="small", design="incomplete")
+    with pytest.raises(HUDDError, match="--design 'rare'; use one of rarer, incomplete, oracle"):
+        casestudies.build("gaze", "/nonexistent", scale="small", design="rare")
+    with pytest.raises(HUDDError, match="--arch smallalexnet-bn: the landmarks case study trains KPNet"):
+        casestudies.build("landmarks", "/nonexistent", scale="small", arch="smallalexnet-bn")
+    with pytest.raises(HUDDError, match="--arch 'vgg'"):
+        casestudies.build("gaze", "/nonexistent", scale="small", arch="vgg")
+
+
+def test_data_sets_marked_before_designs_existed_resume_as_the_default_design(tmp_path):
+    from casestudies import casefolder
+
+    datasets = tmp_path / "DataSets"
+    (datasets / "TrainingSet").mkdir(parents=True)
+    (datasets / ".complete").write_text('{"case_study": "gaze", "seed": 0, "scale": "small"}')
+    wanted = {"case_study": "gaze", "seed": 0, "scale": "small"}
+    assert casefolder.plan(tmp_path, {**wanted, "design": "rarer"}, force=False) == "train"
+    with pytest.raises(HUDDError, match="already holds data sets"):
+        casefolder.plan(tmp_path, {**wanted, "design": "incomplete"}, force=False)
+
+
+def _toy_results(case, wrong):
+    from casestudies import conditions
+
+    for split, name in conditions.RESULT_FILES.items():
+        images = [f"{split}/a/{i}.png" for i in range(4)]
+        result = ["Wrong" if image in wrong else "Correct" for image in images]
+        pd.DataFrame({"image": images, "result": result, "expected": "a", "predicted": "a"}).to_csv(case / name,
+                                                                                                     index=False)
+
+
+def test_condition_table_counts_shares_and_error_rates_per_split(tmp_path):
+    from casestudies import conditions
+
+    (tmp_path / "DataSets").mkdir()
+    images = [f"{split}/a/{i}.png" for split in SPLITS for i in range(4)]
+    dark = [1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0]
+    pd.DataFrame({"image": images, "gain": 1.5, "condition_dark": dark}).to_csv(tmp_path / "DataSets" / "params.csv",
+                                                                                index=False)
+    _toy_results(tmp_path, wrong={"TestSet/a/0.png", "TestSet/a/2.png", "ImprovementSet/a/3.png"})
+    table = conditions.condition_table(tmp_path).set_index(["split", "condition"])
+    assert table.loc[("TrainingSet", "dark"), ["images", "share", "errors"]].tolist() == [1, 0.25, 0]
+    assert table.loc[("TestSet", "dark"), ["images", "errors", "error_rate"]].tolist() == [2, 1, 0.5]
+    assert table.loc[("TestSet", "none of them"), ["images", "errors"]].tolist() == [2, 1]
+    assert table.loc[("ImprovementSet", "all"), ["images", "errors", "error_rate"]].tolist() == [4, 1, 0.25]
+    assert table.loc[("ImprovementSet", "dark"), "errors"] == 0
+    wide = conditions.wide(conditions.condition_table(tmp_path))
+    assert wide["condition"].tolist() == ["dark", "none of them", "all"]
+    assert wide.loc[0, "share_TestSet"] == 0.5 and wide.loc[0, "error_rate_TestSet"] == 0.5
+
+
+@pytest.mark.parametrize("value", ["2", "yes", ""])
+def test_a_condition_column_that_is_not_0_or_1_is_named(tmp_path, value):
+    from casestudies import conditions
+
+    params = pd.DataFrame({"image": ["a.png", "b.png"], "condition_fog": ["1", value]})
+    path = tmp_path / "params.csv"
+    params.to_csv(path, index=False)
+    from common.tables import read_table
+
+    with pytest.raises(HUDDError, match=r"params.csv: column 'condition_fog' holds .*0 or 1"):
+        conditions.read_conditions(read_table(path), path)

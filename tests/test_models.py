@@ -27,6 +27,24 @@ def test_small_alexnet_accepts_small_inputs(size):
     assert net(torch.zeros(2, 1, size, size)).shape == (2, 5)
 
 
+def test_small_alexnet_batchnorm_follows_every_convolution_and_relevance_merges_it():
+    plain = models.SmallAlexNet(num_classes=8, in_channels=3, input_size=48, width=4, hidden=16)
+    assert [k for k in plain.state_dict() if k.endswith("weight")][:5] == [
+        f"features.{i}.weight" for i in (0, 3, 6, 8, 10)]        # the faithful layout is unchanged
+    net = models.SmallAlexNet(num_classes=8, in_channels=3, input_size=48, width=4, hidden=16, batchnorm=True)
+    layers = list(net.features)
+    convs = [i for i, m in enumerate(layers) if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 5 and all(isinstance(layers[i + 1], torch.nn.BatchNorm2d) for i in convs)
+    assert all(layers[i].bias is None for i in convs)
+    import heatmapModule
+
+    net.train()
+    net(torch.randn(16, 3, 48, 48))         # running statistics away from 0 and 1, so that merging matters
+    net.eval()
+    relevance = heatmapModule.layer_relevance(net, torch.rand(2, 3, 48, 48))
+    assert relevance["Layer0"].shape == (2, 3, 48, 48) and torch.isfinite(relevance["Layer0"]).all()
+
+
 def test_kpnet_maps_keypoints_at_input_resolution():
     assert models.KPNet()(torch.zeros(1, 1, 128, 128)).shape == (1, 27, 128, 128)
     small = models.KPNet(num_keypoints=12, input_size=64, width=0.25)
