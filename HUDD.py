@@ -1,5 +1,6 @@
 """HUDD command line: `python HUDD.py -o CASE -m MODEL -mode HUDD|BL1|BL2 [-rq True] [-step STEP]`."""
 import argparse
+import dataclasses
 import sys
 
 import Helper
@@ -120,7 +121,7 @@ def parser():
 
 
 def options_from(args):
-    fields = {f.name for f in Helper.dataclasses.fields(Helper.Options)}
+    fields = {f.name for f in dataclasses.fields(Helper.Options)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["progress"] = not args.no_progress
     return Helper.Options(**values)

@@ -348,6 +348,61 @@ def _robustness_section(t_dir):
     return html
 
 
+def _facts(results, summary, best, rq1, unsafe, total):
+    """The page's first list: accuracy, best layer, RQ1 and the unsafe set, as far as they exist."""
+    facts = []
+    if results is not None and "result" in results.columns:
+        wrong = int((results["result"].astype(str) == "Wrong").sum())
+        facts.append(f"{wrong} error images of {len(results)} test images "
+                     f"(accuracy {100.0 * (len(results) - wrong) / max(len(results), 1):.2f}%)")
+    if best is not None:
+        row = summary[summary["layer"] == best].iloc[0]
+        facts.append(f"best layer <b>{_e(best)}</b> (lowest WICD; input layer excluded): {_e(row['k'])} root-cause "
+                     f"clusters, {_e(row.get('n_clusters_nonsingleton', '?'))} with two or more images")
+    if rq1 is not None and "explained" in rq1.columns and len(rq1):
+        explained = int((rq1["explained"].astype(str).str.lower() == "true").sum())
+        facts.append(f"RQ1: {explained} of {len(rq1)} clusters ({100.0 * explained / len(rq1):.1f}%) explained by a "
+                     f"simulator parameter")
+    if unsafe is not None and total is not None and len(total):
+        facts.append(f"unsafe set: {len(unsafe)} improvement images, <b>{100 * total['precision'].iloc[0]:.1f}%</b> "
+                     f"of them errors of the DNN (improvement set: {100 * total['base_error_rate'].iloc[0]:.1f}%, "
+                     f"the expected share of a random draw such as BL1's and BL2's)")
+    elif unsafe is not None:
+        facts.append(f"unsafe set: {len(unsafe)} improvement images")
+    return facts
+
+
+def _unsafe_sections(unsafe, precision, total):
+    if total is not None and len(total):
+        return ["<h2>Unsafe set</h2><p class=note>Per cluster: improvement images selected, how many of them "
+                "the DNN gets wrong (precision) and that share over the improvement set's error rate (lift).</p>"
+                + _table(precision)]
+    if unsafe is not None and "cluster" in unsafe.columns:
+        counts = unsafe.groupby("cluster").size().rename("images").reset_index()
+        return ["<h2>Unsafe set</h2>" + _table(counts)]
+    return []
+
+
+def _retraining_sections(case, t_dir):
+    """A table and a curve per retraining mode, then RQ2's table and plots."""
+    parts = []
+    for path in sorted(p for p in t_dir.glob("retrain_*.csv") if not p.stem.endswith("_history")):
+        parts.append(f"<h2>Retraining: {_e(path.stem.removeprefix('retrain_'))}</h2>" + _table(try_read_table(path)))
+        curve = path.with_name(f"{path.stem}_history.png")
+        if curve.is_file():
+            parts.append(f"<div class=curves><figure><img src=\"{_href(curve, t_dir)}\" alt=\"{_e(curve.name)}\">"
+                         f"<figcaption>accuracy per retraining epoch</figcaption></figure></div>")
+    if (case / "RQ2.csv").is_file():
+        parts.append("<h2>RQ2</h2>" + _table(try_read_table(case / "RQ2.csv")))
+    plots = sorted(case.glob("RQ2*.png"))
+    if plots:
+        if not (case / "RQ2.csv").is_file():
+            parts.append("<h2>RQ2</h2>")
+        parts.append("<div class=curves>" + "".join(f"<figure><img src=\"{_href(p, t_dir)}\" alt=\"{_e(p.name)}\">"
+                                                    f"</figure>" for p in plots) + "</div>")
+    return parts
+
+
 def write_report(case_dir):
     """Write CASE/T/report.html from whatever the case folder holds now; returns its path."""
     case = Path(case_dir)
@@ -370,27 +425,9 @@ def write_report(case_dir):
     body = [f"<h1>HUDD report <small>{_e(case.resolve().name)}</small></h1>",
             f"<p class=note>Written {_e(time.strftime('%Y-%m-%d %H:%M'))} from the files of {_e(case.resolve())}. "
             f"<span id=image-check></span></p>"]
-    facts = []
-    if results is not None and "result" in results.columns:
-        wrong = int((results["result"].astype(str) == "Wrong").sum())
-        facts.append(f"{wrong} error images of {len(results)} test images "
-                     f"(accuracy {100.0 * (len(results) - wrong) / max(len(results), 1):.2f}%)")
-    if best is not None:
-        row = summary[summary["layer"] == best].iloc[0]
-        facts.append(f"best layer <b>{_e(best)}</b> (lowest WICD; input layer excluded): {_e(row['k'])} root-cause "
-                     f"clusters, {_e(row.get('n_clusters_nonsingleton', '?'))} with two or more images")
-    if rq1 is not None and "explained" in rq1.columns and len(rq1):
-        explained = int((rq1["explained"].astype(str).str.lower() == "true").sum())
-        facts.append(f"RQ1: {explained} of {len(rq1)} clusters ({100.0 * explained / len(rq1):.1f}%) explained by a "
-                     f"simulator parameter")
     total = precision[precision["cluster"].astype(str) == "all"] if precision is not None and \
         {"cluster", "precision", "base_error_rate"} <= set(precision.columns) else None
-    if unsafe is not None and total is not None and len(total):
-        facts.append(f"unsafe set: {len(unsafe)} improvement images, <b>{100 * total['precision'].iloc[0]:.1f}%</b> "
-                     f"of them errors of the DNN (improvement set: {100 * total['base_error_rate'].iloc[0]:.1f}%, "
-                     f"the expected share of a random draw such as BL1's and BL2's)")
-    elif unsafe is not None:
-        facts.append(f"unsafe set: {len(unsafe)} improvement images")
+    facts = _facts(results, summary, best, rq1, unsafe, total)
     body.append("<ul class=facts>" + "".join(f"<li>{f}</li>" for f in facts) + "</ul>" if facts else
                 "<p class=note>Nothing computed yet: run HUDD.py on this folder.</p>")
     if best is not None:
@@ -402,27 +439,7 @@ def write_report(case_dir):
         body.append("<h2>RQ1: variance of simulator parameters per cluster</h2><p class=note>ratio = variance in "
                     "the cluster / variance over all clustered errors; explained when a ratio is below 0.5.</p>"
                     + _table(rq1))
-    if total is not None and len(total):
-        body.append("<h2>Unsafe set</h2><p class=note>Per cluster: improvement images selected, how many of them "
-                    "the DNN gets wrong (precision) and that share over the improvement set's error rate (lift).</p>"
-                    + _table(precision))
-    elif unsafe is not None and "cluster" in unsafe.columns:
-        counts = unsafe.groupby("cluster").size().rename("images").reset_index()
-        body.append("<h2>Unsafe set</h2>" + _table(counts))
-    for path in sorted(p for p in t_dir.glob("retrain_*.csv") if not p.stem.endswith("_history")):
-        body.append(f"<h2>Retraining: {_e(path.stem.removeprefix('retrain_'))}</h2>" + _table(try_read_table(path)))
-        curve = path.with_name(f"{path.stem}_history.png")
-        if curve.is_file():
-            body.append(f"<div class=curves><figure><img src=\"{_href(curve, t_dir)}\" alt=\"{_e(curve.name)}\">"
-                        f"<figcaption>accuracy per retraining epoch</figcaption></figure></div>")
-    if (case / "RQ2.csv").is_file():
-        body.append("<h2>RQ2</h2>" + _table(try_read_table(case / "RQ2.csv")))
-    plots = sorted(case.glob("RQ2*.png"))
-    if plots:
-        if not (case / "RQ2.csv").is_file():
-            body.append("<h2>RQ2</h2>")
-        body.append("<div class=curves>" + "".join(f"<figure><img src=\"{_href(p, t_dir)}\" alt=\"{_e(p.name)}\">"
-                                                   f"</figure>" for p in plots) + "</div>")
+    body += _unsafe_sections(unsafe, precision, total) + _retraining_sections(case, t_dir)
     robustness = _robustness_section(t_dir)
     if robustness:
         body.append(robustness)

@@ -145,3 +145,54 @@ def test_the_summary_gives_every_repetitions_gain(tmp_path):
     assert "after retraining     83.13% (HUDD, gain +0.20 points, mean of 2 repetitions: -0.13, +0.53)" in text
     one = Helper.summary_text(tmp_path, {"retrain": retrainModule.retrain_summary(frame.iloc[:1])})
     assert "after retraining     82.80% (HUDD, gain -0.13 points)" in one
+
+
+def many_clusters_summaries(clusters=14, reps=2):
+    """Step summaries as a -rq True run on the demo's scale gives them: long rules, sizes out of cluster order."""
+    sizes = [18 + (37 * c) % 80 for c in range(1, clusters + 1)]
+    rules = [{"cluster": c, "size": n,
+              "text": f"cluster {c} ({n} images): gaze_direction <= 162.45 and gaze_h <= 19.26 and eyelid_opening "
+                      f"<= 0.509 and ambient > 0.2129 (precision 0.58, recall 0.34, 3.1% of the test set)"}
+             for c, n in zip(range(1, clusters + 1), sizes)]
+    gains = [0.1 * (-1) ** r for r in range(reps)]
+    return {"test": {"test_accuracy": 0.8293, "test_images": 3000, "test_errors": 512, "skipped": 0},
+            "clusters": {"best_layer": "Layer18", "clusters": clusters, "rq1_explained": 92.9, "rq1_inspected": 13.67,
+                         "rules": rules},
+            "assign": {"unsafe_images": 1024, "unsafe_precision": 0.45, "base_error_rate": 0.29},
+            "retrain": {"mode": "HUDD", "test_accuracy": 0.83, "gain": sum(gains) / reps, "gains": gains}}, sizes
+
+
+def test_the_summary_fits_a_screen_with_many_clusters(tmp_path):
+    """The lines a user looks for stay on one screen: three clusters in words, the rest in the report."""
+    (tmp_path / "T").mkdir()
+    (tmp_path / "T" / "report.html").write_text("<html></html>")
+    summaries, sizes = many_clusters_summaries()
+    lines = Helper.summary_text(tmp_path, summaries).splitlines()
+    paths = [line for line in lines if line.startswith(("  report ", "  results "))]
+    assert paths == [f"  report               {(tmp_path / 'T' / 'report.html').resolve()}",
+                     f"  results              {(tmp_path / 'T').resolve()}"]       # paths are never shortened
+    too_long = [line for line in lines if len(line) > 100 and line not in paths]
+    assert not too_long, too_long
+    assert len(lines) <= 15, "\n".join(lines)
+    for needle in ("test accuracy", "best layer", "RQ1 explained", "unsafe set", "after retraining"):
+        assert sum(line.lstrip().startswith(needle) for line in lines) == 1, needle
+    largest = sorted(range(1, 15), key=lambda c: (-sizes[c - 1], c))[:3]
+    shown = [line for line in lines if " images): " in line]
+    assert [line.split("cluster ", 2)[-1].split(" ")[0] for line in shown] == [str(c) for c in largest]
+    assert shown[0].startswith("  clusters in words    cluster ") and all(s.endswith(" ...") for s in shown)
+    more = lines.index(shown[-1]) + 1
+    assert lines[more] == f"{' ' * 23}... 11 more in T/report.html"
+    assert lines[more + 1].startswith("  unsafe set ")
+
+
+def test_a_few_clusters_are_all_shown_and_long_repetition_lists_wrap(tmp_path):
+    summaries, _ = many_clusters_summaries(clusters=3, reps=12)
+    summaries["clusters"]["rules"][0]["text"] = "cluster 1 (40 images): gaze_h <= 19.26 (precision 0.58)"
+    lines = Helper.summary_text(tmp_path, summaries).splitlines()
+    assert not [line for line in lines if "more in T/report.html" in line]
+    assert f"{' ' * 23}cluster 1 (40 images): gaze_h <= 19.26 (precision 0.58)" in lines    # short: uncut
+    assert sum(" images): " in line for line in lines) == 3
+    retrain = lines.index("  after retraining     83.00% (HUDD, gain +0.00 points, mean of 12 repetitions)")
+    each = " ".join(line.strip() for line in lines[retrain + 1: retrain + 3])
+    assert each == "repetitions' gains: " + ", ".join(["+0.10", "-0.10"] * 6)
+    assert all(len(line) <= 100 for line in lines if not line.startswith("  results "))
