@@ -15,7 +15,11 @@ import sys
 import Helper
 import retrainModule
 from common.errors import HUDDError, InternalError
+from evaluation.rq2_runs import run_rq2
 from HUDD import boolean, nonnegative_int, positive_float, positive_int
+from training.loop import SELECTIONS
+from training.optimisers import SCHEDULES
+from training.recipe import DEFAULT_EPOCHS, DEFAULT_HOLDOUT, RETRAIN_BATCH_SIZE
 
 DEFAULT_REPS = 10              # the original's repetitions per mode
 
@@ -39,20 +43,20 @@ def parser():
                    help=f"retrainings per mode (default: {DEFAULT_REPS}, as the original)")
     p.add_argument("-modes", "--modes", dest="modes", type=mode_list, default=list(retrainModule.MODES),
                    help="comma-separated modes (default: HUDD,BL1,BL2)")
-    p.add_argument("--epochs", type=positive_int, default=retrainModule.DEFAULT_EPOCHS,
-                   help=f"retraining epochs (default: {retrainModule.DEFAULT_EPOCHS}, the original's GD/OC)")
+    p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
+                   help=f"retraining epochs (default: {DEFAULT_EPOCHS}, the original's GD/OC)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="base seed; repetition r uses the same seed "
                    "in every mode")
     p.add_argument("--baseline-budget-factor", type=float, default=retrainModule.DEFAULT_BUDGET_FACTOR,
                    help="BL1/BL2 labelling budget as a share of HUDD's (1 = equal; 0.3 = the original code)")
-    p.add_argument("--select", choices=list(retrainModule.SELECTIONS), default=defaults.select,
+    p.add_argument("--select", choices=list(SELECTIONS), default=defaults.select,
                    help="which retraining epoch to keep (original: best training accuracy; val-accuracy holds out "
-                        f"{retrainModule.DEFAULT_HOLDOUT:.0%}% of the training set)")
+                        f"{DEFAULT_HOLDOUT:.0%}% of the training set)")
     p.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                    help="batch size of the pipeline steps (test, heatmaps, assign)")
-    p.add_argument("--retrain-batch-size", type=positive_int, default=retrainModule.RETRAIN_BATCH_SIZE,
-                   help=f"retraining batch size (default: {retrainModule.RETRAIN_BATCH_SIZE}, the original's)")
+    p.add_argument("--retrain-batch-size", type=positive_int, default=RETRAIN_BATCH_SIZE,
+                   help=f"retraining batch size (default: {RETRAIN_BATCH_SIZE}, the original's)")
     p.add_argument("--workers", type=int, default=defaults.workers, help="data-loading processes")
     p.add_argument("--jobs", type=positive_int, default=1,
                    help="modes retrained at once, one process each, sharing the CPUs (default 1: one after another)")
@@ -64,7 +68,7 @@ def parser():
                    help="unsafe-set quota per cluster, times its size (original: 2)")
     p.add_argument("--lr", type=positive_float, default=defaults.lr,
                    help="retraining learning rate (default: the original's 1e-3, SGD; RMSprop for keypoints)")
-    p.add_argument("--schedule", choices=list(retrainModule.SCHEDULES), default=defaults.schedule,
+    p.add_argument("--schedule", choices=list(SCHEDULES), default=defaults.schedule,
                    help="retraining learning-rate schedule (default cosine: falls to 0 over the epochs; the "
                         "original's: constant)")
     p.add_argument("--monitor-test", type=boolean, default=defaults.monitor_test, metavar="True|False",
@@ -101,15 +105,13 @@ def run(args):
         case = Helper.Case(args.case, args.model, options)
         case.lock()
         try:
-            table, _ = retrainModule.run_rq2(case.dir, case.model_path, args.modes, reps=args.reps, seed=args.seed,
-                                             epochs=args.epochs, select=args.select,
-                                             budget_factor=args.baseline_budget_factor,
-                                             retrain_factor=args.retrain_factor, device=args.device,
-                                             batch_size=args.retrain_batch_size, workers=args.workers,
-                                             progress=options.progress, trust=args.trust_model,
-                                             threshold=args.threshold, freeze=args.freeze, lr=args.lr,
-                                             schedule=args.schedule, monitor_test=args.monitor_test,
-                                             jobs=args.jobs)
+            table, _ = run_rq2(case.dir, case.model_path, args.modes, reps=args.reps, jobs=args.jobs,
+                               retrain=retrainModule.retrain, known_modes=retrainModule.MODES, seed=args.seed,
+                               epochs=args.epochs, select=args.select, budget_factor=args.baseline_budget_factor,
+                               retrain_factor=args.retrain_factor, device=args.device,
+                               batch_size=args.retrain_batch_size, workers=args.workers, progress=options.progress,
+                               trust=args.trust_model, threshold=args.threshold, freeze=args.freeze, lr=args.lr,
+                               schedule=args.schedule, monitor_test=args.monitor_test)
             _refresh_report(case.dir)
         finally:
             case.unlock()

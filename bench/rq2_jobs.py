@@ -38,11 +38,12 @@ def child(case, model, jobs, threads, reps, epochs, modes):
 
     sys.path.insert(0, str(ROOT))
     import retrainModule
+    from evaluation.rq2_runs import run_rq2
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    _, results = retrainModule.run_rq2(case, model, modes, reps=reps, jobs=jobs, threads=threads, epochs=epochs,
-                                       progress=False)
+    _, results = run_rq2(case, model, modes, reps=reps, jobs=jobs, threads=threads, retrain=retrainModule.retrain,
+                         known_modes=retrainModule.MODES, epochs=epochs, progress=False)
     wall = time.perf_counter() - start
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
@@ -50,7 +51,7 @@ def child(case, model, jobs, threads, reps, epochs, modes):
 
 
 def main(argv=None):
-    import retrainModule
+    from evaluation.rq2_runs import threads_per_job
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", help="a case folder after the assign step (required)")
@@ -69,14 +70,14 @@ def main(argv=None):
         parser.error("--case CASE is required")
     if not (Path(args.case) / "T" / "UnsafeSet" / "unsafe.csv").is_file():
         raise SystemExit(f"{args.case}: no T/UnsafeSet/unsafe.csv; run HUDD.py -o {args.case} -step assign first")
-    cpus = retrainModule.threads_per_job(1)
+    cpus = threads_per_job(1)
     modes = args.modes.split(",")
     print(f"RQ2 on {args.case}: {args.reps} repetition(s) x {len(modes)} modes x {args.epochs} epoch(s), "
           f"{cpus} usable CPUs, load average before {os.getloadavg()[0]:.2f}")
     print(f"  {'jobs':>4s} {'threads/job':>11s} {'wall s':>8s} {'x serial':>8s} {'cpu s':>8s}  test accuracy per repetition")
     baseline = None
     for jobs in args.jobs:
-        threads = retrainModule.threads_per_job(min(jobs, len(modes)))
+        threads = threads_per_job(min(jobs, len(modes)))
         with tempfile.TemporaryDirectory(prefix="hudd-bench-rq2-") as folder:
             case, model = scratch_copy(args.case, folder, args.model)
             r = run_child(case, model, jobs, threads, args.reps, args.epochs, ",".join(modes), script=__file__)
