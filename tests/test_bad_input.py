@@ -1,4 +1,4 @@
-"""The bad-input matrix (issue 7, item 4), through the real command line.
+"""The bad-input matrix, through the real command line.
 
 Every failing case checks three things: `python HUDD.py` exits with status 2, it prints exactly one
 `error:` line that names the offending file or folder and says what to do, and every output that
