@@ -1,4 +1,4 @@
-"""HUDD command line: `python HUDD.py -o CASE -m MODEL -mode HUDD|BL1|BL2 [-rq True] [-step STEP]`."""
+"""HUDD command line: `python HUDD.py -o CASE -m MODEL -mode HUDD|BL1|BL2|HUDD-U|GINI|... [-rq True] [-step STEP]`."""
 import argparse
 import dataclasses
 import sys
@@ -48,14 +48,25 @@ def perturbation_list(text):
         raise argparse.ArgumentTypeError(str(exc).split(": ", 1)[-1]) from None
 
 
+UNCERTAINTY_SCORES = ("GINI", "MARGIN", "ENTROPY", "MC-DROPOUT")   # selection.uncertainty's, without importing torch
+
+
 def parser():
+    import retrainModule
+
     defaults = Helper.Options()
     p = argparse.ArgumentParser(prog="HUDD.py", description="Heatmap-based Unsupervised Debugging of DNNs.")
     p.add_argument("-o", "--outputPathX", dest="case", required=True, help="the case folder (holds DataSets/)")
     p.add_argument("-m", "--modelName", dest="model", default="OriginalModel.pth",
                    help="model file in CASE/DNNModels/ or a path (default: OriginalModel.pth)")
-    p.add_argument("-mode", "--retrainMode", dest="mode", choices=["HUDD", "BL1", "BL2"], default=defaults.mode,
-                   help="how the retraining images are chosen (default: HUDD)")
+    p.add_argument("-mode", "--retrainMode", dest="mode", choices=list(retrainModule.MODES), default=defaults.mode,
+                   help="how the retraining images are chosen (default: HUDD): HUDD, BL1, BL2; HUDD-U (HUDD's "
+                        "per-cluster counts, most uncertain first); GINI, MARGIN, ENTROPY (the most uncertain "
+                        "improvement images; MC-DROPOUT for a keypoint DNN with dropout); NONE (no added image: the "
+                        "floor); ALL (the whole labelled improvement set: the ceiling)")
+    p.add_argument("--hudd-u-score", choices=list(UNCERTAINTY_SCORES), default=defaults.hudd_u_score,
+                   help="-mode HUDD-U: the uncertainty that orders each cluster's candidates (default: GINI for a "
+                        "classifier, MC-DROPOUT for a keypoint DNN)")
     p.add_argument("-rq", dest="rq", type=boolean, default=False, metavar="True|False",
                    help="compute RQ1 from DataSets/params.csv")
     p.add_argument("-step", dest="step", choices=[*Helper.STEPS, "robustness"],

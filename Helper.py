@@ -71,6 +71,8 @@ def step_key(case, name):
 def _inputs(case, name, manifest):
     """What a step's result depends on: its options and the step before it (or the raw inputs)."""
     inputs = {"options": case.options.subset(STEP_OPTIONS[name])}
+    if name == "retrain" and case.options.hudd_u_score is not None:     # only when set: earlier caches stay current
+        inputs["options"]["hudd_u_score"] = case.options.hudd_u_score
     if name == "test":
         inputs["model"] = content_hash(case.model_path)
         inputs["data"] = tree_fingerprint(case.datasets, exclude=("params.csv",))     # RQ1's input, not the test's
@@ -93,10 +95,21 @@ def _intact(case, outputs):
     return all(_fingerprint(case.dir / rel) == fp for rel, fp in outputs.items())
 
 
+def _has_distances(case, name, record):
+    """An assign step recorded before it saved its distances is current for every mode but those that need them."""
+    import assignModule
+    import retrainModule
+
+    if name != "assign" or not retrainModule.check_mode(case.options.mode).distances:
+        return True
+    return f"{case.t.name}/UnsafeSet/{assignModule.DISTANCES_FILE}" in record["outputs"]
+
+
 def is_current(case, name, manifest=None):
     manifest = manifest or read_manifest(case)
     record = manifest["steps"].get(step_key(case, name))
-    return bool(record) and record["inputs"] == _inputs(case, name, manifest) and _intact(case, record["outputs"])
+    return bool(record) and record["inputs"] == _inputs(case, name, manifest) and _intact(case, record["outputs"]) \
+        and _has_distances(case, name, record)
 
 
 def run_step(case, name, force=False):
@@ -297,7 +310,7 @@ def _step_assign(case):
     quality = assignModule.selection_quality(unsafe, errors_of(case.dir / "improveResult.csv"), sizes)
     # Keypoint ground truth of the unsafe set goes to DataSets/ImprovementSet/labels.csv, not a class column.
     folder = assignModule.write_unsafe_set(case.t, unsafe, case.datasets, improvement.labelled or case.keypoints,
-                                           quality)
+                                           quality, distances=(keys, cluster_ids, distances))
     report.write_report(case.dir)
     # Not labels.csv: the engineer fills it in (step 5), which must not make this step look stale.
     outputs = [p for p in sorted(folder.iterdir()) if p.name != assignModule.LABELS_FILE]
@@ -317,6 +330,7 @@ def _step_retrain(case):
 
     opts = case.options
     frame = retrainModule.retrain(case.dir, case.model_path, opts.mode, reps=opts.reps, seed=opts.seed,
+                                  hudd_u_score=opts.hudd_u_score,
                                   epochs=opts.epochs, select=opts.select, budget_factor=opts.baseline_budget_factor,
                                   retrain_factor=opts.retrain_factor, device=opts.device, workers=opts.workers, trust=opts.trust_model,
                                   progress=opts.progress, threshold=opts.threshold, freeze=opts.freeze,
@@ -346,6 +360,11 @@ def run(case_dir, model_name="OriginalModel.pth", options=None, step=None, until
                 where.name = "robustness"
                 return {"robustness": robustness(case)}
             last = step or until or STEPS[-1]
+            if last == "retrain":       # a mode the model cannot serve is refused before hours of heatmaps
+                import retrainModule
+
+                retrainModule.check_modes_for_model([options.mode], case.model_path, options.trust_model,
+                                                    options.hudd_u_score)
             summaries = {}
             for name in STEPS[: STEPS.index(last) + 1]:
                 where.name = name

@@ -1,11 +1,12 @@
 """RQ2 of the HUDD paper: does retraining on HUDD's unsafe set beat BL1 and BL2 at the same labelling budget?
 
-    python RQ2.py -o CASE -m MODEL [-reps N] [-modes HUDD,BL1,BL2] [--epochs E] [--seed S] [--jobs J]
+    python RQ2.py -o CASE -m MODEL [-reps N] [-modes HUDD,BL1,BL2,...|all] [--epochs E] [--seed S] [--jobs J]
 
 Runs the pipeline up to the unsafe set (cached steps are skipped), then retrains the model N times
 per mode, repetition r using the same seed in every mode, and writes CASE/RQ2.csv, CASE/RQ2.xlsx and
 CASE/RQ2_boxplot.png (mean, std, min, max of test accuracy and gain; Mann-Whitney U p-value and
-Vargha-Delaney A12 of HUDD against each baseline). Each repetition's model is kept in DNNModels/ and
+Vargha-Delaney A12 of HUDD, and HUDD-U, against each other mode; gain over NONE and share of ALL - NONE
+when those reference rows ran; what each selection covers). Each repetition's model is kept in DNNModels/ and
 its row in T/retrain_<mode>.csv as soon as it finishes, so an interrupted RQ2 resumes at the first
 repetition it had not finished when the same command is run again.
 """
@@ -16,7 +17,7 @@ import Helper
 import retrainModule
 from common.errors import HUDDError, InternalError
 from evaluation.rq2_runs import run_rq2
-from HUDD import boolean, nonnegative_int, positive_float, positive_int
+from HUDD import UNCERTAINTY_SCORES, boolean, nonnegative_int, positive_float, positive_int
 from training.loop import SELECTIONS
 from training.optimisers import SCHEDULES
 from training.recipe import DEFAULT_EPOCHS, DEFAULT_HOLDOUT, RETRAIN_BATCH_SIZE
@@ -24,13 +25,35 @@ from training.recipe import DEFAULT_EPOCHS, DEFAULT_HOLDOUT, RETRAIN_BATCH_SIZE
 DEFAULT_REPS = 10              # the original's repetitions per mode
 
 
+ALL_MODES = "all"              # -modes all: every mode the model's task can run
+
+
 def mode_list(text):
+    if text.strip() == ALL_MODES:
+        return [ALL_MODES]
     modes = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in modes if m not in retrainModule.MODES]
     if unknown or not modes:
         raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(retrainModule.MODES)}, "
-                                         f"got {text!r}")
+                                         f"or {ALL_MODES}, got {text!r}")
     return modes
+
+
+def task_modes(modes, model_path, trust=False):
+    """-modes all: every mode of the model's task (MC-DROPOUT for keypoint DNNs with dropout layers, GINI,
+    MARGIN, ENTROPY for classifiers); any other list as given."""
+    if modes != [ALL_MODES]:
+        return modes
+    import models
+    import testModule
+    from selection.uncertainty import CLASS_METHODS, KEYPOINT_METHOD, dropout_layers
+
+    model, meta = models.load_model(model_path, "cpu", trust=trust)
+    keypoints = testModule.is_keypoint_task(meta)
+    left_out = CLASS_METHODS if keypoints else (KEYPOINT_METHOD,)
+    if keypoints and not dropout_layers(model):
+        left_out += (KEYPOINT_METHOD, "HUDD-U")
+    return [m for m in retrainModule.MODES if m not in left_out]
 
 
 def parser():
@@ -41,8 +64,12 @@ def parser():
                    help="model file in CASE/DNNModels/ or a path (default: OriginalModel.pth)")
     p.add_argument("-reps", "--reps", dest="reps", type=positive_int, default=DEFAULT_REPS,
                    help=f"retrainings per mode (default: {DEFAULT_REPS}, as the original)")
-    p.add_argument("-modes", "--modes", dest="modes", type=mode_list, default=list(retrainModule.MODES),
-                   help="comma-separated modes (default: HUDD,BL1,BL2)")
+    p.add_argument("-modes", "--modes", dest="modes", type=mode_list, default=list(retrainModule.DEFAULT_RQ2_MODES),
+                   help=f"comma-separated modes of {','.join(retrainModule.MODES)}, or all (every mode the model's "
+                        f"task can run) (default: HUDD,BL1,BL2)")
+    p.add_argument("--hudd-u-score", choices=list(UNCERTAINTY_SCORES), default=defaults.hudd_u_score,
+                   help="-modes HUDD-U: the uncertainty that orders each cluster's candidates (default: GINI for a "
+                        "classifier, MC-DROPOUT for a keypoint DNN)")
     p.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS,
                    help=f"retraining epochs (default: {DEFAULT_EPOCHS}, the original's GD/OC)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="base seed; repetition r uses the same seed "
@@ -94,24 +121,36 @@ def pipeline_options(args):
                           select=args.select,
                           threshold=args.threshold, freeze=args.freeze, lr=args.lr, schedule=args.schedule,
                           monitor_test=args.monitor_test, trust_model=args.trust_model, progress=not args.no_progress,
-                          engine=args.engine, ray_address=args.ray_address)
+                          engine=args.engine, ray_address=args.ray_address, hudd_u_score=args.hudd_u_score)
 
 
 def run(args):
     """Pipeline to the unsafe set, then the repetitions under the case folder's lock; returns the RQ2 table."""
+    import assignModule
+
     options = pipeline_options(args)
+    with Helper.stage(args.case, "rq2"):
+        model_path = Helper.Case(args.case, args.model, options).model_path
+        modes = task_modes(args.modes, model_path, args.trust_model)
+        retrainModule.check_modes_for_model(modes, model_path, args.trust_model, args.hudd_u_score)
     Helper.run_pipeline(args.case, args.model, options, until="assign")
+    needs = [m for m in modes if retrainModule.check_mode(m).distances]
+    if needs and assignModule.read_distances(Helper.Case(args.case, args.model, options).t) is None:
+        print(f"[rq2] T/UnsafeSet/ has no {assignModule.DISTANCES_FILE} (an assign step of an earlier version), which "
+              f"{','.join(needs)} needs: rerunning the assign step")
+        Helper.run(args.case, args.model, options, step="assign")
     with Helper.stage(args.case, "rq2"):
         case = Helper.Case(args.case, args.model, options)
         case.lock()
         try:
-            table, _ = run_rq2(case.dir, case.model_path, args.modes, reps=args.reps, jobs=args.jobs,
+            table, _ = run_rq2(case.dir, case.model_path, modes, reps=args.reps, jobs=args.jobs,
                                retrain=retrainModule.retrain, known_modes=retrainModule.MODES, seed=args.seed,
                                epochs=args.epochs, select=args.select, budget_factor=args.baseline_budget_factor,
                                retrain_factor=args.retrain_factor, device=args.device,
                                batch_size=args.retrain_batch_size, workers=args.workers, progress=options.progress,
                                trust=args.trust_model, threshold=args.threshold, freeze=args.freeze, lr=args.lr,
-                               schedule=args.schedule, monitor_test=args.monitor_test)
+                               schedule=args.schedule, monitor_test=args.monitor_test,
+                               hudd_u_score=args.hudd_u_score)
             _refresh_report(case.dir)
         finally:
             case.unlock()

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from common.errors import HUDDError
-from common.files import write_csv
+from common.files import atomic_path, write_csv
 from common.tables import read_table, try_read_table
 
 UNSAFE_COLUMNS = ["image", "cluster", "distance", "rank"]
@@ -28,6 +28,7 @@ UNLABELLED_SHOWN = 5           # rows named in the "still unlabelled" message
 PRECISION_FILE = "precision.csv"  # T/UnsafeSet/precision.csv: how rich in errors the unsafe set is
 PRECISION_COLUMNS = ["cluster", "members", "selected", "labelled", "errors", "precision", "base_error_rate", "lift"]
 LABELS_FILE = "labels.csv"     # T/UnsafeSet/labels.csv: the engineer's labels of a flat improvement set (step 5)
+DISTANCES_FILE = "distances.npz"  # T/UnsafeSet/distances.npz: every improvement image's distance to every cluster
 
 
 # --- distances -------------------------------------------------------------------------------
@@ -271,10 +272,11 @@ def _old_labels(path):
     return {i: l for i, l in zip(frame["image"], frame["label"]) if l.strip()}
 
 
-def write_unsafe_set(t_dir, unsafe, datasets_dir, labelled, quality=None):
+def write_unsafe_set(t_dir, unsafe, datasets_dir, labelled, quality=None, distances=None):
     """Write T/UnsafeSet/: unsafe.csv, <cluster>/<rank>_<name> copies, <cluster>_<n>.gif, and labels.csv if unlabelled.
 
-    `quality` (selection_quality's frame), when the improvement set is labelled, goes to precision.csv.
+    `quality` (selection_quality's frame), when the improvement set is labelled, goes to precision.csv;
+    `distances` (cluster_distances' keys, cluster ids, (M, K) distances) to distances.npz (write_distances).
     The folder is built beside the old one and swapped in, so an interrupted write leaves the old set.
     For a flat (unlabelled) improvement set, labels.csv has an empty label column for the engineer
     (HUDD step 5); labels already typed for images that are still selected are kept.
@@ -292,6 +294,8 @@ def write_unsafe_set(t_dir, unsafe, datasets_dir, labelled, quality=None):
         write_csv(build / "unsafe.csv", unsafe[UNSAFE_COLUMNS])
         if quality is not None and len(quality):
             write_csv(build / PRECISION_FILE, quality[PRECISION_COLUMNS])
+        if distances is not None:
+            write_distances(build / DISTANCES_FILE, *distances)
         for cluster, group in unsafe.groupby("cluster", sort=True):
             folder = build / str(cluster)
             folder.mkdir()
@@ -317,6 +321,39 @@ def write_unsafe_set(t_dir, unsafe, datasets_dir, labelled, quality=None):
         if build.exists():
             shutil.rmtree(build, ignore_errors=True)
     return target
+
+
+def write_distances(path, keys, cluster_ids, distances):
+    """Save the assign step's distances atomically: `images` (M keys), `clusters` (K ids), `distances` (M, K).
+
+    HUDD-U orders each cluster's candidates by uncertainty over them, and coverage names the cluster
+    each selected image is closest to, without a second LRP pass over the improvement set.
+    """
+    distances = np.asarray(distances, dtype=np.float64)
+    cluster_ids = np.asarray(cluster_ids, dtype=np.int64)
+    if distances.shape != (len(keys), len(cluster_ids)):
+        raise HUDDError(f"{path}: {distances.shape} distances for {len(keys)} images and {len(cluster_ids)} clusters; "
+                        f"pass cluster_distances' three results together")
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, images=np.array(list(keys), dtype=str), clusters=cluster_ids, distances=distances)
+    return Path(path)
+
+
+def read_distances(t_dir):
+    """(image keys, cluster ids, (M, K) distances) from T/UnsafeSet/distances.npz, or None when it is missing."""
+    path = Path(t_dir) / "UnsafeSet" / DISTANCES_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys, ids, distances = data["images"].tolist(), data["clusters"], data["distances"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise HUDDError(f"{path}: unreadable ({exc}); rerun the assign step (python HUDD.py -o CASE -step assign)")
+    if distances.shape != (len(keys), len(ids)):
+        raise HUDDError(f"{path}: {distances.shape} distances for {len(keys)} images and {len(ids)} clusters; rerun "
+                        f"the assign step (python HUDD.py -o CASE -step assign)")
+    return keys, ids.astype(np.int64), distances.astype(np.float64)
 
 
 def read_labels(t_dir, classes):

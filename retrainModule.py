@@ -2,7 +2,11 @@
 
 A mode (MODE_REGISTRY) names the improvement images the engineer labels and those added to the training
 set; retrain reads the case folder once (read_retraining_case), asks the mode for its images per
-repetition and trains on them (training/). RQ2's statistics and repetitions live in evaluation/.
+repetition and trains on them (training/). Beside HUDD and the paper's random baselines: the
+uncertainty rankings an engineer would try first (GINI, MARGIN, ENTROPY; MC-DROPOUT for keypoints),
+HUDD-U (HUDD's per-cluster counts, most uncertain first), and the reference rows NONE (no added
+image: what the extra epochs give) and ALL (the whole labelled improvement set). Every row says
+what its selection covers (selection.coverage). RQ2's statistics and repetitions live in evaluation/.
 """
 import math
 import re
@@ -19,6 +23,8 @@ from common.files import write_csv
 from common.tables import read_table, try_read_table
 from evaluation import rq2_runs
 from evaluation.resume import earlier_history, finished_reps, inputs_digest
+from selection import coverage as selection_coverage
+from selection.uncertainty import CLASS_METHODS, KEYPOINT_METHOD
 # Names the callers of this module import from it (the loops, RQ2's statistics), kept where they were.
 from evaluation.rq2_runs import threads_per_job  # noqa: F401
 from evaluation.statistics import a12, mann_whitney_p, retrain_summary, rq2_table, write_rq2  # noqa: F401
@@ -35,7 +41,8 @@ ROUND_DIGITS = 9               # factor * n is rounded before ceil so that 0.3 *
 PAD_STREAM = 1                 # padding draws from its own random stream, not the sample's
 RETRAIN_COLUMNS = ["mode", "rep", "seed", "n_labelled", "labelled_errors", "precision", "base_error_rate",
                    "n_train_added", "n_distinct_added", "epochs", "best_epoch", "test_accuracy", "original_accuracy",
-                   "gain", "improved", "worsened", "improved_per_cluster", "model", "inputs"]
+                   "gain", "improved", "worsened", "improved_per_cluster", "model", "inputs",
+                   *selection_coverage.COLUMNS]
 KEYPOINT_COLUMNS = ["mean_error", "original_mean_error", "share_under_threshold", "threshold"]   # px, px, fraction, px
 
 
@@ -45,6 +52,7 @@ class RetrainOptions(Recipe):
     budget_factor: float = DEFAULT_BUDGET_FACTOR     # the baselines' labelling budget, times the unsafe set's size
     pad_baselines: bool = True                       # bootstrap a smaller draw up to HUDD's balanced size
     retrain_factor: float = DEFAULT_RETRAIN_FACTOR   # HUDD's images per cluster, times |c|
+    hudd_u_score: str = None                         # HUDD-U's uncertainty; None: GINI (MC-DROPOUT for keypoints)
     trust: bool = False
 
     def digest(self, keypoints):
@@ -54,6 +62,8 @@ class RetrainOptions(Recipe):
                        freeze=self.freeze if keypoints else None, lr=self.lr, schedule=self.schedule)
         if self.retrain_factor != DEFAULT_RETRAIN_FACTOR:     # only when changed: earlier runs still resume
             options["retrain_factor"] = self.retrain_factor
+        if self.hudd_u_score is not None:
+            options["hudd_u_score"] = self.hudd_u_score
         return options
 
 
@@ -149,6 +159,8 @@ class Candidates(NamedTuple):
     cluster_sizes: dict      # {cluster: |c|}: the selected layer's root-cause clusters
     improvement: list        # improvement images with a known result (Correct or Wrong), in improveResult.csv order
     wrong: list              # per improvement image: True when the original DNN gets it wrong
+    scores: np.ndarray = None    # per improvement image: its uncertainty under the mode's score (higher = less sure)
+    distances: tuple = None      # the assign step's (image keys, cluster ids, (M, K) distances), T/UnsafeSet/distances.npz
 
 
 class ModeImages(NamedTuple):
@@ -181,29 +193,124 @@ def bl2_images(candidates, budget, seed, options):
     return ModeImages(list(sample), _baseline(sample, candidates, seed, options))
 
 
+def uncertain_images(candidates, budget, seed, options):
+    """GINI, MARGIN, ENTROPY, MC-DROPOUT: the engineer labels the `budget` most uncertain improvement images
+    (ties: the earlier image); all of them join the training set, padded as the baselines' samples."""
+    from selection.uncertainty import rank
+
+    sample = [candidates.improvement[i] for i in rank(candidates.scores, budget)]
+    return ModeImages(sample, _baseline(sample, candidates, seed, options))
+
+
+def hudd_u_images(candidates, budget, seed, options):
+    """HUDD-U: the engineer labels as many images per cluster as HUDD's unsafe set holds, each cluster's
+    candidates most uncertain first; the set is balanced as HUDD's (its first-ranked = most uncertain)."""
+    from selection.hudd_u import select_like_unsafe_set
+    from selection.uncertainty import align_scores
+
+    keys, cluster_ids, distances = candidates.distances
+    scores = align_scores(keys, candidates.improvement, candidates.scores)
+    chosen = select_like_unsafe_set(candidates.unsafe, keys, cluster_ids, distances, scores)
+    balanced = balance_unsafe_set(chosen, candidates.cluster_sizes, seed, options.retrain_factor)
+    return ModeImages(list(chosen["image"]), list(balanced["image"]))
+
+
+def none_images(candidates, budget, seed, options):
+    """NONE, the floor: nothing labelled, nothing added; the training set alone, by the same recipe."""
+    return ModeImages([], [])
+
+
+def all_images(candidates, budget, seed, options):
+    """ALL, the ceiling: every improvement image with a known result is labelled and joins the training set,
+    as BL2 with an unlimited budget (padded as the baselines' samples when HUDD's balanced set is larger)."""
+    sample = list(candidates.improvement)
+    return ModeImages(sample, _baseline(sample, candidates, seed, options))
+
+
 UNSAFE_SET_LABELS = "unsafe set"         # class folders, else the engineer's T/UnsafeSet/labels.csv
 IMPROVEMENT_LABELS = "improvement set"   # any improvement image: simulated labelling, needs class folders
+NO_LABELS = "none"                       # nothing labelled
+
+
+def hudd_u_score(options, keypoints):
+    """HUDD-U's uncertainty score: --hudd-u-score, else GINI for a classifier and MC-DROPOUT for keypoints."""
+    if options.hudd_u_score is not None:
+        return options.hudd_u_score
+    return KEYPOINT_METHOD if keypoints else "GINI"
 
 
 class Mode(NamedTuple):
     """A retraining mode: `images(candidates, budget, seed, options)` -> ModeImages (options: RetrainOptions),
-    and where the labels of its images come from."""
+    where the labels of its images come from, the uncertainty score it ranks by (`score(options, keypoints)`
+    -> a name of selection.uncertainty, or None) and whether it needs the assign step's distances."""
     images: Callable
     labels: str
+    score: Callable = None
+    distances: bool = False
+
+
+def _fixed(method):
+    return lambda options, keypoints: method
 
 
 MODE_REGISTRY = {
     "HUDD": Mode(hudd_images, UNSAFE_SET_LABELS),
     "BL1": Mode(bl1_images, IMPROVEMENT_LABELS),
     "BL2": Mode(bl2_images, IMPROVEMENT_LABELS),
+    "HUDD-U": Mode(hudd_u_images, IMPROVEMENT_LABELS, hudd_u_score, distances=True),
+    **{method: Mode(uncertain_images, IMPROVEMENT_LABELS, _fixed(method)) for method in CLASS_METHODS},
+    KEYPOINT_METHOD: Mode(uncertain_images, IMPROVEMENT_LABELS, _fixed(KEYPOINT_METHOD)),
+    "NONE": Mode(none_images, NO_LABELS),
+    "ALL": Mode(all_images, IMPROVEMENT_LABELS),
 }
 MODES = tuple(MODE_REGISTRY)
+DEFAULT_RQ2_MODES = ("HUDD", "BL1", "BL2")     # the paper's RQ2
+REFERENCE_MODES = ("NONE", "ALL")              # RQ2's floor and ceiling rows
 
 
 def check_mode(mode):
     if mode not in MODE_REGISTRY:
         raise HUDDError(f"mode {mode!r}: use one of {', '.join(MODES)}")
     return MODE_REGISTRY[mode]
+
+
+def mode_score(mode, keypoints, options=None, model_name="the model"):
+    """The uncertainty score `mode` ranks by for this task (None for a mode without one); a score the task
+    cannot give is one HUDDError saying what to use instead."""
+    entry = check_mode(mode)
+    method = entry.score(options or RetrainOptions(), keypoints) if entry.score else None
+    if method is None:
+        return None
+    which = f"-mode {mode}" if method == mode else f"-mode {mode} (--hudd-u-score {method})"
+    if method in CLASS_METHODS and keypoints:
+        raise HUDDError(f"{which}: {model_name} is a keypoint DNN, whose outputs are not class scores; use -mode "
+                        f"{KEYPOINT_METHOD} (the spread over its dropout layers), HUDD-U, HUDD, BL1 or BL2")
+    if method == KEYPOINT_METHOD and not keypoints:
+        raise HUDDError(f"{which}: {model_name} is a classifier; MC dropout is the keypoint DNNs' uncertainty, use "
+                        f"-mode {', '.join(CLASS_METHODS)} (or --hudd-u-score GINI) for class scores")
+    if method not in CLASS_METHODS + (KEYPOINT_METHOD,):
+        raise HUDDError(f"--hudd-u-score {method!r}: use one of {', '.join(CLASS_METHODS + (KEYPOINT_METHOD,))}")
+    return method
+
+
+def check_modes_for_model(modes, model_path, trust=False, hudd_u_score=None):
+    """Refuse, before any step runs, a mode the model cannot serve (GINI on a keypoint DNN, MC-DROPOUT without
+    dropout layers), each in one line saying what to use."""
+    import models
+    import testModule
+    from selection.uncertainty import dropout_layers
+
+    needs = [mode for mode in modes if check_mode(mode).score is not None]
+    if not needs:
+        return
+    model, meta = models.load_model(model_path, "cpu", trust=trust)
+    keypoints = testModule.is_keypoint_task(meta)
+    options = RetrainOptions(hudd_u_score=hudd_u_score)
+    for mode in needs:
+        if mode_score(mode, keypoints, options, Path(model_path).name) == KEYPOINT_METHOD and not dropout_layers(model):
+            raise HUDDError(f"{Path(model_path).name}: has no dropout layer, so -mode {mode} cannot measure its "
+                            f"uncertainty by MC dropout; use -mode HUDD, BL1 or BL2 for this keypoint DNN, or "
+                            f"train it with dropout")
 
 
 def mode_images(mode, candidates, seed, options=RetrainOptions()):
@@ -248,6 +355,7 @@ class RetrainingCase:
     label_of: dict           # {improvement image: label} from the mode's label source
     wrong_of: dict           # {improvement image: the original DNN gets it wrong}, images with a known result
     spec: ImageSpec          # how the model reads an image
+    coverage: selection_coverage.CoverageBasis = None   # what each selection's coverage columns are measured against
 
     @property
     def original_accuracy(self):
@@ -317,9 +425,10 @@ def _improvement_labels(case_dir, mode, improvement, improved, keypoints):
     import testModule
 
     if not improvement.labelled:
-        raise HUDDError(f"{Path(case_dir) / 'DataSets' / 'ImprovementSet'}: {mode} simulates labelling random "
-                        f"improvement images, so it needs the improvement set in class folders; use -mode HUDD "
-                        f"for a flat set")
+        what = "random" if mode in ("BL1", "BL2") else "the"
+        raise HUDDError(f"{Path(case_dir) / 'DataSets' / 'ImprovementSet'}: {mode} simulates labelling {what} "
+                        f"improvement images it picks, so it needs the improvement set in class folders; use -mode "
+                        f"HUDD (or NONE) for a flat set")
     if improved is None:
         improved = testModule.read_results(Path(case_dir) / "improveResult.csv")    # raises: run the test step
     return _split_labels(improvement) if keypoints else dict(zip(improved["image"], improved["expected"]))
@@ -337,16 +446,44 @@ def _read_splits(case_dir, meta, model_path):
     return splits, testModule.check_classes(meta, splits, model_path)
 
 
-def read_retraining_case(case_dir, model_path, mode, trust=False):
+def _mode_scores(case_dir, method, images, classes, model_path, spec, options):
+    """(len(images),) uncertainty of each image under `method`: from improveResult.csv's class columns, or
+    (MC-DROPOUT) from seeded dropout passes of the model over the images."""
+    import models
+    from selection import uncertainty
+
+    if method in CLASS_METHODS:
+        scored, scores = uncertainty.results_scores(Path(case_dir) / "improveResult.csv", method, classes)
+        return uncertainty.align_scores(images, scored, scores)
+    model, _ = models.load_model(model_path, options.device, trust=options.trust)
+    dataset = ImageSet(Path(case_dir) / "DataSets", images, spec)
+    scores, _ = uncertainty.mc_dropout_spread(model, dataset, options.device, batch_size=options.batch_size,
+                                              workers=options.workers, progress=options.progress,
+                                              model_name=Path(model_path).name)
+    return scores
+
+
+def _coverage_basis(case_dir, images, wrong_of, distances):
+    params_csv = Path(case_dir) / "DataSets" / "params.csv"
+    params = read_table(params_csv) if params_csv.is_file() else None
+    return selection_coverage.coverage_basis(images, wrong_of, distances, params, str(params_csv))
+
+
+def read_retraining_case(case_dir, model_path, mode, trust=False, options=None):
     """Read once what `mode` retrains on and what its result rows compare against: the model's metadata,
-    the splits and their labels, the unsafe set and clusters, and the test and improvement results."""
+    the splits and their labels, the unsafe set and clusters, the test and improvement results, the
+    mode's uncertainty scores and the assign step's distances (RetrainOptions `options`: HUDD-U's score,
+    and the device of an MC-dropout pass)."""
+    import assignModule
     import models
     import testModule
 
     entry = check_mode(mode)
+    options = options or RetrainOptions(trust=trust)
     case_dir = Path(case_dir)
     _, meta = models.load_model(model_path, "cpu", trust=trust)
     keypoints = testModule.is_keypoint_task(meta)
+    method = mode_score(mode, keypoints, options, Path(model_path).name)
     splits, classes = _read_splits(case_dir, meta, model_path)
     unsafe, members = read_unsafe(case_dir), read_cluster_members(case_dir)
     tested = testModule.read_results(case_dir / "testResult.csv")
@@ -358,8 +495,18 @@ def read_retraining_case(case_dir, model_path, mode, trust=False):
     improvement = splits["ImprovementSet"]
     if entry.labels == UNSAFE_SET_LABELS:
         label_of = _unsafe_labels(case_dir, unsafe, improvement, classes, keypoints)
-    else:
+    elif entry.labels == IMPROVEMENT_LABELS:
         label_of = _improvement_labels(case_dir, mode, improvement, improved, keypoints)
+    else:
+        label_of = {}
+    distances = assignModule.read_distances(case_dir / "T")
+    if entry.distances and distances is None:
+        raise HUDDError(f"{case_dir / 'T' / 'UnsafeSet' / assignModule.DISTANCES_FILE}: missing; -mode {mode} needs "
+                        f"the assign step's distances of every improvement image, so rerun the assign step "
+                        f"(python HUDD.py -o CASE -step assign)")
+    spec = ImageSpec.from_meta(meta)
+    scores = None if method is None else _mode_scores(case_dir, method, list(known["image"]), classes, model_path,
+                                                      spec, options)
     test_images = list(tested["image"])
     if keypoints:
         test_label_of = _split_labels(splits["TestSet"])
@@ -372,8 +519,9 @@ def read_retraining_case(case_dir, model_path, mode, trust=False):
         test_images=test_images, test_labels=test_labels, was_correct=(tested["result"] == "Correct").to_numpy(),
         original_mean_error=float(tested["avg_error"].astype(float).mean()) if keypoints else float("nan"),
         members=members, candidates=Candidates(unsafe, members["cluster"].value_counts().to_dict(),
-                                               list(known["image"]), wrong),
-        label_of=label_of, wrong_of=dict(zip(known["image"], wrong)), spec=ImageSpec.from_meta(meta))
+                                               list(known["image"]), wrong, scores, distances),
+        label_of=label_of, wrong_of=dict(zip(known["image"], wrong)), spec=spec,
+        coverage=_coverage_basis(case_dir, list(known["image"]), dict(zip(known["image"], wrong)), distances))
 
 
 # --- step 7: retraining --------------------------------------------------------------------------
@@ -403,33 +551,53 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, resume=False, 
         raise HUDDError(f"reps={reps}, epochs={opts.epochs}: both must be at least 1")
     retrain_quota(1, opts.retrain_factor)
     opts = replace(opts, device=resolve_device(opts.device))
-    case = read_retraining_case(case_dir, model_path, mode, trust=opts.trust)
+    case = read_retraining_case(case_dir, model_path, mode, trust=opts.trust, options=opts)
     opts = replace(opts, threshold=testModule.DEFAULT_THRESHOLD if opts.threshold is None else float(opts.threshold))
-    inputs = inputs_digest(case.case_dir, model_path, mode, **opts.digest(case.keypoints))
+    inputs = inputs_digest(case.case_dir, model_path, mode, **opts.digest(case.keypoints), **_mode_inputs(case, mode))
     out_csv, history_csv = (case.case_dir / "T" / f"retrain_{mode}{suffix}.csv" for suffix in ("", "_history"))
-    columns = RETRAIN_COLUMNS + (KEYPOINT_COLUMNS if case.keypoints else [])
+    columns = _columns(case)
     earlier = finished_reps(out_csv, inputs, case.case_dir) if resume else {}
     old_history = try_read_table(history_csv) if resume else None
     test_set = case.dataset(case.test_images, case.test_labels)
     rows, histories = [], []
     for rep in range(1, reps + 1):
         seed_r = rep_seed(seed, rep)
+        picked = mode_images(mode, case.candidates, seed_r, opts)
+        covered = selection_coverage.selection_columns(picked.labelled, case.coverage)
         if earlier.get((rep, seed_r)) is not None:
-            rows.append(earlier[(rep, seed_r)])
+            rows.append({**earlier[(rep, seed_r)], **covered})
             histories += earlier_history(old_history, rep, inputs)
             print(f"[retrain] {mode} repetition {rep}/{reps} finished in an earlier run ({rows[-1]['model']}); kept")
             write_csv(out_csv, pd.DataFrame(rows, columns=columns))
             continue
-        picked = mode_images(mode, case.candidates, seed_r, opts)
         row, history = retrain_once(case, picked, mode, rep, seed_r, opts, test_set,
                                     desc=f"{mode} rep {rep}/{reps}", position=bar_position)
-        rows.append(dict(row, inputs=inputs))
+        rows.append(dict(row, inputs=inputs, **covered))
         histories += [{"mode": mode, "rep": rep, **h, "kept": h["epoch"] == row["best_epoch"], "inputs": inputs}
                       for h in history]
         write_csv(history_csv, pd.DataFrame(histories))
         write_history_plot(pd.DataFrame(histories), history_csv.with_suffix(".png"), case.original_accuracy)
         write_csv(out_csv, pd.DataFrame(rows, columns=columns))
     return pd.DataFrame(rows, columns=columns)
+
+
+def _columns(case):
+    """A retrain row's columns: RETRAIN_COLUMNS (the keypoint columns before the coverage ones), then a
+    share_<name> and base_share_<name> per condition of params.csv."""
+    base = RETRAIN_COLUMNS[:-len(selection_coverage.COLUMNS)]
+    conditions = [prefix + c[len(selection_coverage.CONDITION_PREFIX):] for c in case.coverage.conditions
+                  for prefix in (selection_coverage.SHARE, selection_coverage.BASE_SHARE)]
+    return base + (KEYPOINT_COLUMNS if case.keypoints else []) + selection_coverage.COLUMNS + conditions
+
+
+def _mode_inputs(case, mode):
+    """What a new mode's result depends on beyond the digest's usual inputs: the distances HUDD-U orders by."""
+    import assignModule
+    from common.files import content_hash
+
+    if not check_mode(mode).distances:
+        return {}
+    return {"distances": content_hash(case.case_dir / "T" / "UnsafeSet" / assignModule.DISTANCES_FILE)}
 
 
 def retrain_once(case, picked, mode, rep, seed, opts, test_set, desc="retrain", position=None):
@@ -495,7 +663,7 @@ def _per_cluster(improved_images, members):
     return ";".join(f"{int(c)}:{int(n)}" for c, n in counts.items())
 
 
-def run_rq2(case_dir, model_path, modes=MODES, reps=10, jobs=1, threads=None, **options):
+def run_rq2(case_dir, model_path, modes=DEFAULT_RQ2_MODES, reps=10, jobs=1, threads=None, **options):
     """RQ2 over these modes and this retraining step (evaluation.rq2_runs.run_rq2). Returns (table, results)."""
     return rq2_runs.run_rq2(case_dir, model_path, modes, reps, jobs, threads, retrain=retrain, known_modes=MODES,
                             **options)

@@ -39,17 +39,32 @@ def _mode_order(present, reference, order):
     return first + sorted(present - set(first))
 
 
+REFERENCE_ROWS = {"NONE": "floor", "ALL": "ceiling"}   # retrain on no added image / the whole improvement set
+STATISTICS_OF = ("HUDD", "HUDD-U")    # the selections whose p and A12 against every other mode the table gives
+COVERAGE_MEANS = ("clusters_reached", "clusters", "top_cluster_share")
+
+
 def rq2_table(results, reference="HUDD", order=None):
     """Per mode: repetitions, mean/std/min/max of test accuracy (%) and gain (points), and for each
     other mode the Mann-Whitney p-value and A12 of `reference` against it (on test accuracy). For keypoint
     regressors test accuracy is the share of images within the error threshold, and mean_error_* (px) are added.
-    `order`: the modes listed first, in that order (RQ2 passes the retraining modes)."""
+    `order`: the modes listed first, in that order (RQ2 passes the retraining modes).
+
+    With the reference rows: `reference` names NONE (floor) and ALL (ceiling); gain_over_none = gain_mean
+    - NONE's, share_of_ceiling = gain_over_none / (ALL's gain_mean - NONE's). HUDD-U, when it ran beside
+    another reference, gets its own p_value_HUDD-U_vs and a12_HUDD-U_vs. Coverage (the means of
+    clusters_reached, clusters, top_cluster_share and every share_<condition> of the rows) follows.
+    """
     missing = {"mode", "test_accuracy", "gain"} - set(results.columns)
     if missing:
         raise HUDDError(f"RQ2 results: missing columns {sorted(missing)}; pass the retrain_<mode>.csv rows")
-    ref = results.loc[results["mode"] == reference, "test_accuracy"].to_numpy()
+    present = set(results["mode"])
+    against = [reference] + [m for m in STATISTICS_OF if m in present and m != reference]
+    accuracy = {m: results.loc[results["mode"] == m, "test_accuracy"].to_numpy() for m in present}
+    gain_of = {m: results.loc[results["mode"] == m, "gain"].mean() for m in REFERENCE_ROWS if m in present}
+    shares = [c for c in results.columns if c.startswith(("share_", "base_share_"))]
     rows = []
-    for mode in _mode_order(set(results["mode"]), reference, order):
+    for mode in _mode_order(present, reference, order):
         part = results[results["mode"] == mode]
         row = {"mode": mode, "reps": len(part), **_spread("accuracy", 100 * part["test_accuracy"]),
                **_spread("gain", part["gain"])}
@@ -58,9 +73,18 @@ def rq2_table(results, reference="HUDD", order=None):
         if "precision" in part.columns and part["precision"].notna().any():
             # labelling precision: share of the images labelled for this mode that the original DNN got wrong
             row.update({"precision_mean": part["precision"].mean(), "base_error_rate": part["base_error_rate"].mean()})
-        other = part["test_accuracy"].to_numpy()
-        row[f"p_value_{reference}_vs"] = float("nan") if mode == reference else mann_whitney_p(ref, other)
-        row[f"a12_{reference}_vs"] = float("nan") if mode == reference else a12(ref, other)
+        for name in against:
+            row[f"p_value_{name}_vs"] = float("nan") if mode == name else mann_whitney_p(accuracy[name], accuracy[mode])
+            row[f"a12_{name}_vs"] = float("nan") if mode == name else a12(accuracy[name], accuracy[mode])
+        if gain_of:
+            row["reference"] = REFERENCE_ROWS.get(mode, "")
+        if "NONE" in gain_of:
+            row["gain_over_none"] = row["gain_mean"] - gain_of["NONE"]
+            if "ALL" in gain_of:
+                span = gain_of["ALL"] - gain_of["NONE"]
+                row["share_of_ceiling"] = row["gain_over_none"] / span if span else float("nan")
+        for column in [c for c in COVERAGE_MEANS if c in part.columns] + shares:
+            row[f"{column}_mean"] = pd.to_numeric(part[column], errors="coerce").mean()
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -15,7 +15,8 @@ class Options:
     max_clusters: int = 500
     optimal_ordering: bool = False  # scipy's optimal leaf ordering of the dendrogram (the original's; slow)
     rq: bool = False
-    mode: str = "HUDD"
+    mode: str = "HUDD"          # retrainModule.MODES
+    hudd_u_score: str | None = None  # HUDD-U's uncertainty score; None = GINI (MC-DROPOUT for a keypoint DNN)
     epochs: int = 10
     reps: int = 1
     baseline_budget_factor: float = 1.0

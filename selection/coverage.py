@@ -5,6 +5,8 @@ root-cause cluster, where a ranking may pile onto one frequent cause. These figu
 any selection (HUDD, HUDD-U, BL1/BL2 draws, GINI/MARGIN/ENTROPY rankings) at one labelling budget.
 A selection is a list of indices into the improvement set (M images, in one fixed order).
 """
+from typing import NamedTuple
+
 import numpy as np
 import pandas as pd
 
@@ -140,3 +142,65 @@ def condition_shares(params, images, selected, conditions=None, source="params.c
                      "improvement": in_improvement, "improvement_share": improvement_share,
                      "lift": selected_share / improvement_share if improvement_share else float("nan")})
     return pd.DataFrame(rows, columns=CONDITION_COLUMNS)
+
+
+# --- the coverage columns of a retraining row ------------------------------------------------------
+
+COLUMNS = ["clusters_reached", "clusters", "top_cluster", "top_cluster_share"]   # appended to each retrain row
+CONDITION_PREFIX = "condition_"    # params.csv: a named condition is a 0/1 column condition_<name>
+SHARE, BASE_SHARE = "share_", "base_share_"   # + <name>: of the selection, of the improvement set
+
+
+class CoverageBasis(NamedTuple):
+    """What every selection of one case is measured against (coverage_basis)."""
+    images: list                  # the improvement set's keys (the assign step's order when it saved distances)
+    reached: np.ndarray | None    # (M,) the cluster each image is closest to; None without the assign step's distances
+    clusters: np.ndarray | None   # the ids of the clusters images can reach
+    wrong: np.ndarray             # (M,) 1 wrong, 0 right, NaN unknown
+    params: pd.DataFrame | None   # params.csv when it names conditions for every image of `images`
+    conditions: list              # its condition_<name> columns
+
+
+def coverage_basis(images, wrong_of, distances=None, params=None, source="params.csv"):
+    """The CoverageBasis of an improvement set: `distances` = (keys, cluster ids, (M, K)) of the assign step
+    (its keys replace `images`), `wrong_of` {image: wrong}, `params` the parameter table or None.
+
+    A params table without a row for some improvement image gives no condition shares (a note says so);
+    a condition_<name> column that is not 0/1 is one HUDDError naming it.
+    """
+    reached = clusters = None
+    if distances is not None:
+        images, clusters, matrix = distances
+        reached = nearest_clusters(matrix, clusters)
+    images = list(images)
+    wrong = np.array([float(wrong_of[i]) if i in wrong_of else np.nan for i in images])
+    columns = [] if params is None else [c for c in params.columns if str(c).startswith(CONDITION_PREFIX)]
+    if columns and "image" in params.columns:
+        missing = len(set(images) - set(params["image"]))
+        if missing:
+            print(f"[coverage] {source}: no row for {missing} of {len(images)} improvement images; no condition "
+                  f"shares")
+            columns = []
+        else:
+            condition_shares(params, images, [], columns, source)      # validates the columns once, here
+    return CoverageBasis(images, reached, clusters, wrong, params if columns else None, columns)
+
+
+def selection_columns(labelled, basis):
+    """{COLUMNS + share_<name>, base_share_<name> per condition} of the selection `labelled` (image keys).
+
+    clusters_reached counts the clusters the selected images are closest to (NaN, like the rest of
+    COLUMNS, without the assign step's distances); share_<name> is the share of the selection in
+    condition <name>, base_share_<name> that of the improvement set."""
+    where = {image: i for i, image in enumerate(basis.images)}
+    selected = np.array([where[i] for i in labelled if i in where], dtype=np.int64)
+    row = dict.fromkeys(COLUMNS, float("nan"))
+    if basis.reached is not None:
+        found = coverage(selected, basis.reached, basis.clusters, basis.wrong)
+        row.update({key: found[key] for key in COLUMNS})
+    if basis.conditions:
+        shares = condition_shares(basis.params, basis.images, selected, basis.conditions)
+        for condition, share, base in zip(shares["condition"], shares["selected_share"], shares["improvement_share"]):
+            name = condition[len(CONDITION_PREFIX):]
+            row[SHARE + name], row[BASE_SHARE + name] = share, base
+    return row

@@ -56,6 +56,28 @@ def select_uncertain_first(keys, cluster_ids, distances, scores, cluster_labels,
     rank is the order of selection, so retrainModule.balance_unsafe_set keeps the most uncertain
     ceil(f x |c|) of each cluster; `distance` (to the cluster the image went to) keeps its bootstrap weights.
     """
+    hudd = select_closest(keys, cluster_ids, np.asarray(distances, dtype=np.float64), cluster_labels, factor)
+    return _uncertain_first(keys, cluster_ids, distances, scores, cluster_counts(hudd, cluster_ids))
+
+
+def select_like_unsafe_set(unsafe, keys, cluster_ids, distances, scores, source="T/UnsafeSet/distances.npz"):
+    """HUDD-U's unsafe set with the per-cluster counts of HUDD's own `unsafe` (T/UnsafeSet/unsafe.csv), from
+    the distances the assign step saved; see select_uncertain_first for the arguments and the result.
+
+    The distances must be the ones `unsafe` was chosen from: HUDD's greedy assignment over them with
+    those counts gives back exactly its images and clusters (the counts argument of this module's
+    docstring), else one HUDDError naming `source`.
+    """
+    counts = cluster_counts(unsafe, cluster_ids)
+    outside = sorted(set(int(c) for c in unsafe["cluster"]) - set(counts))
+    hudd = greedy_assign(keys, cluster_ids, np.asarray(distances, dtype=np.float64), counts) if not outside else None
+    if hudd is None or set(zip(hudd["image"], hudd["cluster"])) != set(zip(unsafe["image"], unsafe["cluster"])):
+        raise HUDDError(f"{source}: these distances do not give the unsafe set of T/UnsafeSet/unsafe.csv; rerun the "
+                        f"assign step (python HUDD.py -o CASE -step assign)")
+    return _uncertain_first(keys, cluster_ids, distances, scores, counts)
+
+
+def _uncertain_first(keys, cluster_ids, distances, scores, counts):
     scores = np.asarray(scores, dtype=np.float64)
     if scores.shape != (len(keys),):
         raise HUDDError(f"HUDD-U: {scores.size} uncertainty scores for {len(keys)} improvement images; "
@@ -64,8 +86,7 @@ def select_uncertain_first(keys, cluster_ids, distances, scores, cluster_labels,
         raise HUDDError(f"HUDD-U: {int((~np.isfinite(scores)).sum())} uncertainty scores are not numbers; "
                         f"rerun the test step (python HUDD.py -o CASE -step test)")
     distances = np.asarray(distances, dtype=np.float64)
-    hudd = select_closest(keys, cluster_ids, distances, cluster_labels, factor)
-    chosen = greedy_assign(keys, cluster_ids, round_order(distances, scores), cluster_counts(hudd, cluster_ids))
+    chosen = greedy_assign(keys, cluster_ids, round_order(distances, scores), counts)
     row = {key: i for i, key in enumerate(keys)}
     column = {int(c): j for j, c in enumerate(cluster_ids)}
     chosen["distance"] = [distances[row[i], column[int(c)]] for i, c in zip(chosen["image"], chosen["cluster"])]
