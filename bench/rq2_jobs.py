@@ -26,7 +26,9 @@ from assign import run_child  # noqa: E402
 
 def scratch_copy(case, folder, model):
     """A copy of `case` under `folder` with DataSets/ linked and no retraining results to resume."""
-    retrained = ("retrain_*", "RQ2*", "HUDD_*", "BL1_*", "BL2_*", "DataSets", ".lock", "report*")
+    import retrainModule
+
+    retrained = ("retrain_*", "RQ2*", *(f"{mode}_*" for mode in retrainModule.MODES), "DataSets", ".lock", "report*")
     target = Path(folder) / Path(case).name
     shutil.copytree(case, target, ignore=shutil.ignore_patterns(*retrained))
     (target / "DataSets").symlink_to(Path(case).resolve() / "DataSets", target_is_directory=True)

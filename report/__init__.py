@@ -383,10 +383,36 @@ def _unsafe_sections(unsafe, precision, total):
     return []
 
 
+COVERAGE_SHOWN = ("n_labelled", "precision", "base_error_rate", "clusters_reached", "clusters", "top_cluster_share")
+
+
+def coverage_table(tables):
+    """What each mode's selection covers, the mean over its repetitions: labelled images, precision, clusters
+    reached, the top cluster's share and each condition's share (None when no table has coverage columns).
+    `tables`: {mode: its T/retrain_<mode>.csv}."""
+    rows = []
+    for mode, frame in tables.items():
+        if frame is None or "clusters_reached" not in frame.columns:
+            continue
+        columns = [c for c in COVERAGE_SHOWN if c in frame.columns] + \
+            [c for c in frame.columns if c.startswith(("share_", "base_share_"))]
+        means = frame[columns].apply(pd.to_numeric, errors="coerce").mean()
+        rows.append({"mode": mode, "reps": len(frame), **means.to_dict()})
+    return pd.DataFrame(rows) if rows else None
+
+
 def _retraining_sections(case, t_dir):
-    """A table and a curve per retraining mode, then RQ2's table and plots."""
+    """What each selection covers, a table and a curve per retraining mode, then RQ2's table and plots."""
     parts = []
-    for path in sorted(p for p in t_dir.glob("retrain_*.csv") if not p.stem.endswith("_history")):
+    paths = sorted(p for p in t_dir.glob("retrain_*.csv") if not p.stem.endswith("_history"))
+    covered = coverage_table({p.stem.removeprefix("retrain_"): try_read_table(p) for p in paths})
+    if covered is not None:
+        parts.append("<h2>What each selection covers</h2><p class=note>mean over the repetitions: images labelled, "
+                     "the share of them the DNN got wrong (precision; base_error_rate: the improvement set's), the "
+                     "root-cause clusters they are closest to, the share of the budget the most frequent cluster "
+                     "takes, and each named condition's share (base_share_: in the improvement set)</p>"
+                     + _table(covered))
+    for path in paths:
         parts.append(f"<h2>Retraining: {_e(path.stem.removeprefix('retrain_'))}</h2>" + _table(try_read_table(path)))
         curve = path.with_name(f"{path.stem}_history.png")
         if curve.is_file():

@@ -184,3 +184,22 @@ def test_improvement_heatmaps_stream_the_selected_layer(tiny_case):
     keys = [k for batch_keys, _ in out for k in batch_keys]
     assert keys == split.images
     assert all(h.ndim == 2 and h.shape[1] == layers[layer][0].numel() for _, h in out)
+
+
+def test_distances_are_saved_with_the_unsafe_set_and_read_back(tmp_path):
+    unsafe = improvement_folder(tmp_path, flat=False)
+    keys = list(unsafe["image"])
+    distances = np.arange(12, dtype=np.float64).reshape(6, 2) / 7
+    out = assignModule.write_unsafe_set(tmp_path / "T", unsafe, tmp_path / "DataSets", True,
+                                        distances=(keys, np.array([1, 2]), distances))
+    assert (out / assignModule.DISTANCES_FILE).is_file()
+    read_keys, ids, read = assignModule.read_distances(tmp_path / "T")
+    assert read_keys == keys and ids.tolist() == [1, 2] and np.array_equal(read, distances)
+    assert ids.dtype == np.int64 and read.dtype == np.float64
+    assignModule.write_unsafe_set(tmp_path / "T", unsafe, tmp_path / "DataSets", True)     # no distances: none kept
+    assert assignModule.read_distances(tmp_path / "T") is None
+    with pytest.raises(HUDDError, match="pass cluster_distances' three results together"):
+        assignModule.write_distances(tmp_path / "d.npz", keys, [1, 2, 3], distances)
+    (out / assignModule.DISTANCES_FILE).write_bytes(b"not an npz")
+    with pytest.raises(HUDDError, match="distances.npz: unreadable .*-step assign"):
+        assignModule.read_distances(tmp_path / "T")

@@ -196,3 +196,40 @@ def test_a_few_clusters_are_all_shown_and_long_repetition_lists_wrap(tmp_path):
     each = " ".join(line.strip() for line in lines[retrain + 1: retrain + 3])
     assert each == "repetitions' gains: " + ", ".join(["+0.10", "-0.10"] * 6)
     assert all(len(line) <= 100 for line in lines if not line.startswith("  results "))
+
+
+def test_the_assign_step_saves_the_distances_hudd_u_orders_by(reference_run, tmp_path):
+    """distances.npz: every readable improvement image against every non-singleton cluster, the very
+    distances the unsafe set was chosen from; an assign record without it is stale for HUDD-U only."""
+    import assignModule
+
+    case = shutil.copytree(reference_run[0], tmp_path / "case")
+    keys, ids, distances = assignModule.read_distances(case / "T")
+    improvement = pd.read_csv(case / "improveResult.csv")["image"].tolist()
+    assert sorted(keys) == sorted(improvement) and distances.shape == (len(keys), len(ids))
+    unsafe = pd.read_csv(case / "T" / "UnsafeSet" / "unsafe.csv")
+    counts = unsafe["cluster"].value_counts().to_dict()
+    again = assignModule.greedy_assign(keys, ids, distances, {int(c): counts.get(int(c), 0) for c in ids})
+    assert set(zip(again["image"], again["cluster"])) == set(zip(unsafe["image"], unsafe["cluster"]))
+    manifest = json.loads((case / "T" / "manifest.json").read_text())
+    assert f"T/UnsafeSet/{assignModule.DISTANCES_FILE}" in manifest["steps"]["assign"]["outputs"]
+    del manifest["steps"]["assign"]["outputs"][f"T/UnsafeSet/{assignModule.DISTANCES_FILE}"]
+    (case / "T" / "manifest.json").write_text(json.dumps(manifest))
+    assert Helper.is_current(Helper.Case(case), "assign")
+    assert not Helper.is_current(Helper.Case(case, options=Helper.Options(mode="HUDD-U")), "assign")
+
+
+def test_mode_gini_and_hudd_u_run_on_the_cached_steps(reference_run, tmp_path):
+    import assignModule
+
+    case = shutil.copytree(reference_run[0], tmp_path / "case")
+    _, ids, _ = assignModule.read_distances(case / "T")
+    unsafe = pd.read_csv(case / "T" / "UnsafeSet" / "unsafe.csv")
+    for mode in ("GINI", "HUDD-U"):
+        command = [sys.executable, "HUDD.py", "-o", str(case), "-m", "OriginalModel.pth", "-mode", mode, *FAST]
+        run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert run.stdout.count("up to date") == 5, run.stdout[-2000:]      # only the retrain step runs
+        row = pd.read_csv(case / "T" / f"retrain_{mode}.csv").iloc[0]
+        assert row["n_labelled"] == len(unsafe) and row["clusters"] == len(ids)
+        assert 1 <= row["clusters_reached"] <= len(ids)

@@ -177,3 +177,23 @@ def test_report_renders_in_headless_chromium_and_every_image_loads(tmp_path):
     dom = chromium_dom(page)
     assert int(re.search(r'data-images-loaded="(\d+)"', dom).group(1)) == total - 1
     assert "did not load" in dom
+
+
+def test_report_shows_what_each_selection_covers(tmp_path):
+    import report
+
+    case = tmp_path / "case"
+    (case / "T").mkdir(parents=True)
+    columns = dict(n_labelled=[7, 7], precision=[0.5, 0.25], base_error_rate=[0.2, 0.2], clusters_reached=[2, 3],
+                   clusters=[3, 3], top_cluster=[1, 1], top_cluster_share=[0.5, 0.7], share_dark=[0.1, 0.3],
+                   base_share_dark=[0.05, 0.05])
+    pd.DataFrame({"mode": ["GINI"] * 2, **columns}).to_csv(case / "T" / "retrain_GINI.csv", index=False)
+    pd.DataFrame({"mode": ["BL2"], "test_accuracy": [0.9]}).to_csv(case / "T" / "retrain_BL2.csv", index=False)
+    table = report.coverage_table({"GINI": pd.read_csv(case / "T" / "retrain_GINI.csv"),
+                                   "BL2": pd.read_csv(case / "T" / "retrain_BL2.csv")})
+    assert list(table["mode"]) == ["GINI"]                     # BL2's old table has no coverage columns
+    row = table.iloc[0]
+    assert (row["reps"], row["clusters_reached"], row["top_cluster_share"], row["share_dark"]) == \
+        pytest.approx((2, 2.5, 0.6, 0.2))
+    page = report.write_report(case).read_text()
+    assert "What each selection covers" in page and "share_dark" in page
