@@ -7,13 +7,20 @@ assign step, one copy of the cluster members' heatmaps; it reads its batch's ima
 returns only their outputs: logits, keypoints, or distances to the clusters. The driver puts them
 back in image order, so the results are the local engine's.
 
+Without an address the engine starts a Ray of its own (Ray's address "local"), whatever else runs
+on the machine. With one it checks the head first (TCP, gRPC, its auth token) so that a wrong
+address or token is one line in seconds, and presents this machine's token to a head that wants it.
+
 A worker that dies is restarted by Ray and its batch retried (Ray Data's actor pools restart
-actors and retry their tasks by default), so a lost worker costs time, not results. The environment variable HUDD_RAY_KILL_ONCE=<file> (for the
-tests) makes the first worker that finds <file> missing create it and die mid-batch.
+actors and retry their tasks by default), so a lost worker costs time, not results. The
+environment variable HUDD_RAY_KILL_ONCE=<file> (for the tests) makes the first worker that finds
+<file> missing create it and die mid-batch.
 """
+import contextlib
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,20 +32,180 @@ ROOT = Path(__file__).resolve().parents[1]
 KILL_ONCE = "HUDD_RAY_KILL_ONCE"
 UPLOAD_EXCLUDES = [".venv", ".git", "cases", "demo", "*.pth", "*.npy", "*.png", "*.gif", "*.xlsx", "__pycache__"]
 CONNECT_TIMEOUT = 5.0
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+HTTP2_EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"     # length 0, type SETTINGS, no flags, stream 0
+HTTP2_SETTINGS = 0x04
 
 
-def _reachable(address):
-    """A quick TCP check of host:port, so that a wrong address fails in seconds with one clear line."""
-    target = address.removeprefix("ray://")
-    host, _, port = target.rpartition(":")
+def _host_port(address):
+    host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise HUDDError(f"--ray-address {address}: expected auto, HOST:PORT or ray://HOST:PORT")
+    return host, int(port)
+
+
+def _reachable(address, shown=None):
+    """A quick TCP check of host:port, so that a wrong address fails in seconds with one clear line.
+
+    `shown` is the address as the user gave it, for the messages (the address itself by default)."""
     try:
-        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT):
+        with socket.create_connection(_host_port(address), timeout=CONNECT_TIMEOUT):
             return
     except OSError as exc:
-        raise HUDDError(f"--ray-address {address}: cannot connect ({exc.strerror or exc}); start the cluster "
-                        f"there (ray start --head) or leave --ray-address out to start Ray on this machine") from None
+        raise HUDDError(f"--ray-address {shown or address}: cannot connect ({exc.strerror or exc}); start the "
+                        f"cluster there (ray start --head) or leave --ray-address out to start Ray on this "
+                        f"machine") from None
+
+
+def _not_a_head(shown, what):
+    return HUDDError(f"--ray-address {shown}: answers, but is not a Ray head ({what}); give the port of the "
+                     f"head's GCS, the one `ray start --head --port` was given (6379 by default)")
+
+
+def _speaks_grpc(address, shown):
+    """A Ray head's GCS is a gRPC server: it answers the HTTP/2 preface with a SETTINGS frame at once.
+
+    Checked before Ray's own client, which waits 40 s on a port that speaks something else."""
+    try:
+        with socket.create_connection(_host_port(address), timeout=CONNECT_TIMEOUT) as sock:
+            sock.sendall(HTTP2_PREFACE + HTTP2_EMPTY_SETTINGS)
+            reply = b""
+            while len(reply) < 9:
+                chunk = sock.recv(9 - len(reply))
+                if not chunk:
+                    break
+                reply += chunk
+    except OSError as exc:
+        raise _not_a_head(shown, f"no HTTP/2 reply: {exc.strerror or exc}") from None
+    if len(reply) < 9 or reply[3] != HTTP2_SETTINGS:
+        raise _not_a_head(shown, f"it replied {reply[:16]!r}, not gRPC")
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Ray's C++ client logs each failed attempt on file descriptor 2; the HUDDError says it once."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _token_source():
+    """Where Ray takes this machine's token from, in Ray's order, in words for a message."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return os.environ["RAY_AUTH_TOKEN_PATH"]
+    return "~/.ray/auth_token"
+
+
+def _token_available():
+    """Whether this machine has a token. Ray's loader keeps a token it has read, and a driver holding one
+    demands it of the cluster's processes even with RAY_AUTH_MODE=disabled (a cluster without tokens
+    then cancels every actor), so its cache is dropped again."""
+    from ray._raylet import AuthenticationTokenLoader
+
+    loader = AuthenticationTokenLoader.instance()
+    try:
+        return loader.has_token(ignore_auth_mode=True)
+    finally:
+        loader.reset_cache()
+
+
+def _present_token():
+    """Make this process present its token, as Ray does itself for a cluster it finds on this machine."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def _authenticate(address, shown=None):
+    """Settle how this driver authenticates to the head at `address` before ray.init, in seconds.
+
+    A head started with Ray's defaults (a token in ~/.ray/auth_token) requires its token, but Ray
+    presents it only for a cluster it finds itself, not for an address it is given; so a head that
+    refuses an anonymous request is asked again with this machine's token (RAY_AUTH_TOKEN,
+    RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token). A head started with RAY_AUTH_MODE=disabled is joined
+    without one. Refusals and a port that is not a head's GCS are one HUDDError naming `shown`.
+    """
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError, RpcError
+
+    shown = shown or address
+    _speaks_grpc(address, shown)
+    target = "{}:{}".format(*_host_port(address))
+
+    def refused():
+        with _quiet_stderr():
+            try:
+                GcsClient(address=target, cluster_id=None)
+            except AuthenticationError:
+                return True
+            except RpcError as exc:
+                raise _not_a_head(shown, f"a gRPC server without Ray's GCS: status {exc.rpc_code}") from None
+        return False
+
+    fix = ("copy the head's ~/.ray/auth_token to this machine, or export RAY_AUTH_TOKEN=<the output of "
+           "`ray get-auth-token` on the head>")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path and not os.environ.get("RAY_AUTH_TOKEN") and not (os.path.isfile(path) and Path(path).read_text().strip()):
+        raise HUDDError(f"RAY_AUTH_TOKEN_PATH {path}: not a file holding a token (Ray would abort on it); "
+                        f"point it at a copy of the head's ~/.ray/auth_token or unset it")
+    mode = os.environ.get("RAY_AUTH_MODE")
+    has_token = _token_available()
+    none_here = HUDDError(f"--ray-address {shown}: the cluster there requires its auth token and this machine "
+                          f"has none; {fix}")
+    if mode == "token" and not has_token:
+        raise none_here
+    if not refused():
+        return
+    if mode == "disabled":
+        raise HUDDError(f"--ray-address {shown}: the cluster there requires its auth token, but RAY_AUTH_MODE="
+                        f"disabled here; unset RAY_AUTH_MODE and {fix}")
+    if not has_token:
+        raise none_here
+    if mode != "token":
+        _present_token()
+        if not refused():
+            return
+    raise HUDDError(f"--ray-address {shown}: the cluster there requires its auth token and refused this machine's "
+                    f"token (from {_token_source()}); {fix}")
+
+
+def _found_cluster():
+    """What `--ray-address auto` means, as Ray resolves it: RAY_ADDRESS, else a cluster running on this
+    machine (the one the last `ray start` recorded when several run), else the recorded one, which may
+    be dead; (address, words for the messages)."""
+    from ray._private.services import canonicalize_bootstrap_address
+    from ray._private.utils import read_ray_address
+
+    if "://" in os.environ.get("RAY_ADDRESS", ""):
+        return os.environ["RAY_ADDRESS"], f"auto ({os.environ['RAY_ADDRESS']}, from RAY_ADDRESS)"
+    try:
+        address = canonicalize_bootstrap_address("auto")
+    except (ConnectionError, ValueError):
+        raise HUDDError("--ray-address auto: no Ray cluster runs on this machine and RAY_ADDRESS is not set; start "
+                        "one (ray start --head), give its HOST:PORT, or leave --ray-address out to start Ray on "
+                        "this machine") from None
+    if os.environ.get("RAY_ADDRESS"):
+        source = "from RAY_ADDRESS"
+    elif address == read_ray_address():
+        source = "from this machine's cluster record"
+    else:
+        source = "running on this machine"
+    return address, f"auto ({address}, {source})"
+
+
+def _first_line(exc):
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class _Job:
@@ -129,18 +296,9 @@ class RayEngine:
         if not ray.is_initialized():
             options = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
             if address in (None, "", "local"):
-                ray.init(num_cpus=max(os.cpu_count() or 1, int(workers or 0)), runtime_env={"env_vars": env}, **options)
+                self._start_local(workers, env, options)
             else:
-                if address != "auto":
-                    _reachable(address)
-                try:
-                    ray.init(address=address, runtime_env={"working_dir": str(ROOT), "excludes": UPLOAD_EXCLUDES,
-                                                           "env_vars": {k: v for k, v in env.items()
-                                                                        if k != "PYTHONPATH"}}, **options)
-                except (ConnectionError, RuntimeError, ValueError) as exc:
-                    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                    raise HUDDError(f"--ray-address {address}: {first}; start the cluster (ray start --head) or "
-                                    f"leave --ray-address out to start Ray on this machine") from None
+                self._join(address, env, options)
             self.started = True
         import logging
 
@@ -154,9 +312,36 @@ class RayEngine:
         slots = max(1, self.gpus or int(resources.get("CPU", 1)))
         self.workers = int(workers) if workers and workers > 0 else slots
         if self.workers > slots:        # more actors than the cluster can place would wait forever
-            print(f"[ray] --workers {self.workers}: the cluster has room for {slots} (one {'GPU' if self.gpus else 'CPU'} "
-                  f"each); using {slots}")
+            unit = "GPU" if self.gpus else "CPU"
+            print(f"[ray] --workers {self.workers}: the cluster has room for {slots} (one {unit} each); using {slots}")
             self.workers = slots
+
+    def _start_local(self, workers, env, options):
+        """A Ray of this run's own: address "local" ignores RAY_ADDRESS and any cluster running or recorded here."""
+        try:
+            self.ray.init(address="local", num_cpus=max(os.cpu_count() or 1, int(workers or 0)),
+                          runtime_env={"env_vars": env}, **options)
+        except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
+            raise HUDDError(f"--engine ray: could not start Ray on this machine ({_first_line(exc)}); see "
+                            f"session_latest/logs in Ray's temp folder (/tmp/ray unless RAY_TMPDIR is set), or drop "
+                            f"--engine ray to use the local engine") from None
+
+    def _join(self, address, env, options):
+        """Join the cluster at `address`, checked first so that a wrong address or token fails in seconds."""
+        shown = address
+        if address == "auto":
+            address, shown = _found_cluster()
+        _reachable(address, shown)
+        if not address.startswith("ray://"):
+            _authenticate(address, shown)
+        try:
+            self.ray.init(address=address, runtime_env={"working_dir": str(ROOT), "excludes": UPLOAD_EXCLUDES,
+                                                        "env_vars": {k: v for k, v in env.items()
+                                                                     if k != "PYTHONPATH"}}, **options)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise HUDDError(f"--ray-address {shown}: {_first_line(exc)}; check the cluster with `ray status "
+                            f"--address {address}` on its head, or leave --ray-address out to start Ray on this "
+                            f"machine") from None
 
     def close(self):
         if self.started and self.ray.is_initialized():
