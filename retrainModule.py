@@ -536,7 +536,8 @@ def retrain(case_dir, model_path, mode="HUDD", *, reps=1, seed=0, resume=False, 
     (RETRAIN_COLUMNS, a row per repetition written after each; test_accuracy a fraction, gain in points,
     improved/worsened against testResult.csv, precision = share of the mode's labelled images the
     original DNN gets wrong; a keypoint DNN's test_accuracy is the share within `threshold` px, with
-    KEYPOINT_COLUMNS). Returns that table.
+    KEYPOINT_COLUMNS; then what the labelled images cover: selection.coverage.COLUMNS and a
+    share_<name>, base_share_<name> per condition of params.csv). Returns that table.
 
     resume: keep the rows of an earlier T/retrain_<mode>.csv with the same seed and inputs (column
     `inputs`: a digest of the model file, training set, clusters, unsafe set, labels and options) whose
