@@ -44,6 +44,20 @@ def _env(**extra):
     return {**env, **{k: str(v) for k, v in extra.items()}}
 
 
+def _end_group(process):
+    """SIGTERM to the head's process group (`ray start --block` stops its processes), then SIGKILL to
+    whatever of that group is left (a GCS server can outlive its parent)."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 @contextlib.contextmanager
 def _head(**env):
     """A head on 127.0.0.1:<free port>, its Ray temp folder (RAY_TMPDIR) in a folder of its own.
@@ -68,14 +82,7 @@ def _head(**env):
         yield {"address": f"127.0.0.1:{port}", "root": root, "process": process,
                "log": (root / "head.log").read_text()}
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=30)
-        except ProcessLookupError:
-            pass
+        _end_group(process)
         log.close()
         shutil.rmtree(root, ignore_errors=True)
 
