@@ -113,8 +113,9 @@ def parser():
                    help="how the test step's inference and the assign step's improvement heatmaps run: local (this "
                         "process) or ray (Ray Data actors; --workers actors, 0 = one per CPU or GPU)")
     p.add_argument("--ray-address", default=defaults.ray_address,
-                   help="--engine ray: auto or HOST:PORT or ray://HOST:PORT joins a running cluster (default: start "
-                        "Ray on this machine)")
+                   help="--engine ray: auto or HOST:PORT or ray://HOST:PORT joins a running cluster, a token-protected "
+                        "one with this machine's token (docs/ray.md); default: a Ray of its own on this machine, "
+                        "even beside another cluster")
     p.add_argument("--perturbations", type=perturbation_list, default=defaults.perturbations,
                    help="-step robustness: comma-separated, from brightness,contrast,blur,noise,dead-pixels,"
                         "occlusion,rotation (default: all; no rotation for keypoint DNNs)")
