@@ -8,6 +8,10 @@ the rule kept is the candidate with the highest F1 of the cluster's members amon
 it matches, ties going to fewer conditions. Thresholds are rounded to the fewest significant digits
 (3 or more) that keep the tree's split of the images it learned from, and every reported figure is
 that of the printed, rounded rule applied to the test images with a params row.
+
+A rule must describe the cluster, not two of its images: a candidate counts only when it passes the
+floors below (support, interval width, recall, lift). When none does, the cluster has `no simple rule`
+and rules.csv keeps the best rejected candidate and why it failed, so the engineer sees what was tried.
 """
 import json
 import math
@@ -26,9 +30,18 @@ MAX_CATEGORIES = 20         # a text parameter with more values is an identifier
 MIN_DIGITS = 3              # significant digits of a printed threshold, at least ...
 MAX_DIGITS = 15             # ... and at most (then the tree's own threshold is kept)
 MAX_CONFUSION_PAIRS = 5     # expected -> predicted pairs listed per cluster; the rest is 'other'
-RULE_COLUMNS = ["cluster", "size", "rule", "conditions", "precision", "recall", "coverage", "matching"]
+MIN_SUPPORT = 5             # a rule matches at least this many test images ...
+MIN_SUPPORT_SHARE = 0.2     # ... and at least this share of its cluster's size (the tree's minimum leaf too)
+MIN_WIDTH_SHARE = 0.05      # no interval narrower than this share of the parameter's interquartile range
+MIN_RECALL = 1 / 3          # a rule matching less of its cluster is not its description
+MIN_LIFT = 3.0              # its recall at least this many times the share of the other test images it matches
+HELD_OUT_SHARE = 0.5        # test images the tree does not learn from; recall and lift must hold on them too
+REQUIRED_RULE_COLUMNS = ["cluster", "size", "rule", "conditions", "precision", "recall", "coverage", "matching"]
+RULE_COLUMNS = REQUIRED_RULE_COLUMNS[:2] + ["found"] + REQUIRED_RULE_COLUMNS[2:] + \
+    ["rejected", "rejected_recall", "rejected_reason"]
 DESCRIPTION_COLUMNS = ["cluster", "size", "confusion", "medoid", "nearest_training"]
-TEXT_COLUMNS = ("rule", "conditions", "confusion", "nearest_training")   # read back as text even when all empty
+# read back as text even when all empty
+TEXT_COLUMNS = ("rule", "conditions", "confusion", "nearest_training", "rejected", "rejected_reason")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,61 +237,145 @@ def _f1(matched, member):
     return 2.0 * hits / (int(matched.sum()) + int(member.sum())) if hits else 0.0
 
 
-def _cluster_rule(table, numeric, categorical, member, correct, max_conditions, seed):
-    """The best rule for one cluster (see the module docstring), or None when the tree finds no split."""
+def _spreads(numeric):
+    """{parameter: (min, max, spread)} over the test images: spread = interquartile range, or the range when
+    the IQR is 0 (a parameter that is mostly one value)."""
+    spreads = {}
+    for name, values in numeric.items():
+        known = values.dropna().to_numpy(float)
+        if not len(known):
+            continue
+        q1, q3 = np.percentile(known, [25, 75])
+        low, high = float(known.min()), float(known.max())
+        spreads[name] = (low, high, float(q3 - q1) or high - low)
+    return spreads
+
+
+def _rejection(conditions, matched, member, held_out, spreads, floors):
+    """Why a candidate rule is no description of its cluster (the first floor it fails), or None. Recall and
+    lift must also hold on the `held_out` test images, which the tree did not learn from: a chance rule on
+    noise fits the images it was grown on, not the others."""
+    support = max(floors["min_support"], floors["min_support_share"] * int(member.sum()))
+    matching = int(matched.sum())
+    if matching < support:
+        return f"matches {matching} test images, under the floor {math.ceil(support)}"
+    for condition in conditions:
+        if "values" in condition or condition["parameter"] not in spreads:
+            continue
+        low, high, spread = spreads[condition["parameter"]]
+        top = high if condition.get("high") is None else min(high, condition["high"])
+        bottom = low if condition.get("low") is None else max(low, condition["low"])
+        if spread > 0 and top - bottom < floors["min_width_share"] * spread:
+            return (f"{condition['parameter']} spans {max(top - bottom, 0.0):.3g}, under "
+                    f"{100 * floors['min_width_share']:g}% of its spread {spread:.3g}")
+    for what, rows in (("", slice(None)), (" on the held-out test images", held_out)):
+        hit, inside = matched[rows], member[rows]
+        recall = float((hit & inside).sum() / inside.sum()) if inside.any() else 0.0
+        if recall < floors["min_recall"]:
+            return f"recall{what} {recall:.2f}, under {floors['min_recall']:.2f}"
+        others = int((~inside).sum())
+        elsewhere = float((hit & ~inside).sum() / others) if others else 0.0
+        if recall < floors["min_lift"] * elsewhere:
+            return (f"matches {100 * elsewhere:.0f}% of the other test images{what} for a recall of {recall:.2f} "
+                    f"(under {floors['min_lift']:g} times that): it does not single the cluster out")
+    return None
+
+
+def _held_out(member, seed):
+    """HELD_OUT_SHARE of the cluster's members and of the other test images, drawn with `seed`."""
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(member), dtype=bool)
+    for group in (member.to_numpy(), ~member.to_numpy()):
+        rows = np.flatnonzero(group)
+        held[rng.permutation(rows)[:int(round(HELD_OUT_SHARE * len(rows)))]] = True
+    return pd.Series(held, index=member.index)
+
+
+def _cluster_rule(table, numeric, categorical, member, correct, max_conditions, seed, spreads, floors):
+    """(passed, conditions, matched, reason) of the best candidate for one cluster (see the module docstring):
+    the best that passes the floors, else the best rejected one with why; None when the tree finds no split."""
     from sklearn.tree import DecisionTreeClassifier
 
-    learn = member | correct
+    held_out = _held_out(member, seed)
+    learn = (member | correct) & ~held_out
     positive = member[learn]
     ranks = {name: _category_ranks(values[learn], positive) for name, values in categorical.items()}
     features = list(numeric) + list(categorical)
     columns = [numeric[name].to_numpy(float) for name in numeric]
     columns += [categorical[name].map(ranks[name]).astype(float).to_numpy() for name in categorical]
     training = np.column_stack(columns)[learn.to_numpy()]
-    tree = DecisionTreeClassifier(max_depth=max_conditions, class_weight="balanced", random_state=seed)
+    leaf = max(1, math.ceil(max(floors["min_support"], floors["min_support_share"] * int(positive.sum()))))
+    tree = DecisionTreeClassifier(max_depth=max_conditions, class_weight="balanced", random_state=seed,
+                                  min_samples_leaf=min(leaf, max(1, len(training) // 2)))
     tree.fit(training, positive.to_numpy())
-    best = None
+    best = {}
     for _, path in _node_paths(tree.tree_):
         conditions = _conditions(path, features, ranks, training)
         if not conditions:
             continue
         matched = rule_matches(table, conditions)
+        reason = _rejection(conditions, matched, member, held_out, spreads, floors)
         key = (_f1(matched, member), -len(conditions))
-        if best is None or key > best[0]:
-            best = (key, conditions, matched)
-    return None if best is None else best[1:]
+        passed = reason is None
+        if passed not in best or key > best[passed][0]:
+            best[passed] = (key, conditions, matched, reason)
+    if not best:
+        return None
+    passed = True in best
+    return (passed,) + best[passed][1:]
 
 
-def cluster_rules(params, clusters, results, max_conditions=MAX_CONDITIONS, seed=0):
+def cluster_rules(params, clusters, results, max_conditions=MAX_CONDITIONS, seed=0, min_support=MIN_SUPPORT,
+                  min_support_share=MIN_SUPPORT_SHARE, min_width_share=MIN_WIDTH_SHARE, min_recall=MIN_RECALL,
+                  min_lift=MIN_LIFT):
     """One rule per root-cause cluster over the simulator parameters, with the figures of the printed rule.
 
     `params`: image + one column per parameter (numbers; text or booleans are categories); `clusters`:
     image, cluster (test error images); `results`: testResult.csv. Only test images with a params row
     take part. precision = share of the matching test images that are members or errors of the DNN,
-    recall = share of the members matched, coverage = share of the test images matched. A cluster of one
-    image, or one whose members have no params row or that no split separates, keeps its row with an empty
-    rule, conditions [] and NaN figures (describe_clusters describes it).
+    recall = share of the members matched, coverage = share of the test images matched.
+
+    A rule is kept (found = True) only when it matches at least max(min_support, min_support_share x the
+    cluster's members) test images, none of its intervals is narrower than min_width_share of its
+    parameter's interquartile range over the test images (the range when the IQR is 0), its recall is at
+    least min_recall and at least min_lift times the share of the other test images it matches. Otherwise
+    found = False, rule, conditions and figures are empty, and rejected / rejected_recall / rejected_reason
+    give the best candidate that failed. A cluster of one image, or one whose members have no params row or that no split
+    separates, has found = False and nothing rejected (describe_clusters describes it).
     """
     if int(max_conditions) < 1:
         raise HUDDError(f"max_conditions must be at least 1 (got {max_conditions})")
+    floors = {"min_support": float(min_support), "min_support_share": float(min_support_share),
+              "min_width_share": float(min_width_share), "min_recall": float(min_recall),
+              "min_lift": float(min_lift)}
+    negative = [name for name, value in floors.items() if not value >= 0]
+    if negative:
+        raise HUDDError(f"{negative[0]} must be a number of 0 or more (got {floors[negative[0]]})")
     table, wrong = _test_images_with_params(params, clusters, results)
     numeric, categorical = _split_parameters(table)
     if not numeric and not categorical:
         raise HUDDError("params.csv has no usable parameter column (numbers, or text with at most "
                         f"{MAX_CATEGORIES} values); add one column per simulator parameter")
+    spreads = _spreads(numeric)
     correct = ~wrong
     clusters = clusters.assign(image=clusters["image"].astype(str))
     rows = []
     for cluster, group in clusters.groupby("cluster", sort=True):
         member = pd.Series(table.index.isin(group["image"]), index=table.index)
-        found = (_cluster_rule(table, numeric, categorical, member, correct, int(max_conditions), seed)
+        found = (_cluster_rule(table, numeric, categorical, member, correct, int(max_conditions), seed, spreads,
+                               floors)
                  if len(group) > 1 and member.any() else None)
-        row = {"cluster": cluster, "size": len(group), "rule": "", "conditions": "[]", "precision": np.nan,
-               "recall": np.nan, "coverage": np.nan, "matching": pd.NA}
-        if found:
-            conditions, matched = found
-            row.update(rule=rule_text(conditions), conditions=json.dumps(conditions),
+        row = {"cluster": cluster, "size": len(group), "found": False, "rule": "", "conditions": "[]",
+               "precision": np.nan, "recall": np.nan, "coverage": np.nan, "matching": pd.NA, "rejected": "",
+               "rejected_recall": np.nan, "rejected_reason": ""}
+        if found and found[0]:
+            _, conditions, matched, _ = found
+            row.update(found=True, rule=rule_text(conditions), conditions=json.dumps(conditions),
                        **_figures(matched, member, wrong))
+        elif found:
+            _, conditions, matched, reason = found
+            row.update(rejected=rule_text(conditions), rejected_recall=_figures(matched, member, wrong)["recall"],
+                       rejected_reason=reason)
         rows.append(row)
     frame = pd.DataFrame(rows, columns=RULE_COLUMNS)
     frame["matching"] = frame["matching"].astype("Int64")
@@ -357,8 +454,17 @@ def write_rules(t_dir, layer, rules, descriptions):
 
 
 def read_rules(t_dir, layer):
-    return read_table(rules_path(t_dir, layer), required=RULE_COLUMNS, text=TEXT_COLUMNS,
-                      missing_hint="rerun the explanation of the clusters")
+    """rules.csv; one written before the floors existed reads as found wherever it has a rule."""
+    rules = read_table(rules_path(t_dir, layer), required=REQUIRED_RULE_COLUMNS, text=TEXT_COLUMNS,
+                       missing_hint="rerun the explanation of the clusters")
+    if "found" not in rules.columns:
+        rules.insert(2, "found", rules["rule"].astype(str) != "")
+    for column in ("rejected", "rejected_reason"):
+        if column not in rules.columns:
+            rules[column] = ""
+    if "rejected_recall" not in rules.columns:
+        rules["rejected_recall"] = np.nan
+    return rules[RULE_COLUMNS + [c for c in rules.columns if c not in RULE_COLUMNS]]
 
 
 def read_descriptions(t_dir, layer):
@@ -366,19 +472,23 @@ def read_descriptions(t_dir, layer):
                       missing_hint="rerun the explanation of the clusters")
 
 
+def rule_line(row):
+    """A rules.csv row in words: its rule with how well it fits the test set, or `no simple rule (best: ...)`."""
+    rejected = getattr(row, "rejected", "")
+    if isinstance(row.rule, str) and row.rule:
+        return (f"{row.rule} (precision {row.precision:.2f}, recall {row.recall:.2f}, "
+                f"{100.0 * row.coverage:.1f}% of the test set)")
+    if isinstance(rejected, str) and rejected:
+        return f"no simple rule (best: {rejected}, recall {row.rejected_recall:.2f}; {row.rejected_reason})"
+    if row.size == 1:
+        return "no rule for a single image; see its description"
+    return "no rule; the parameters do not separate it from the images the DNN gets right"
+
+
 def format_rules(rules):
     """One console line per cluster: its rule and how well the printed rule fits the test set."""
-    lines = []
-    for row in rules.itertuples(index=False):
-        head = f"cluster {row.cluster} ({row.size} image{'' if row.size == 1 else 's'})"
-        if isinstance(row.rule, str) and row.rule:
-            lines.append(f"{head}: {row.rule} (precision {row.precision:.2f}, recall {row.recall:.2f}, "
-                         f"{100.0 * row.coverage:.1f}% of the test set)")
-        elif row.size == 1:
-            lines.append(f"{head}: no rule for a single image; see its description")
-        else:
-            lines.append(f"{head}: no rule; the parameters do not separate it from the images the DNN gets right")
-    return "\n".join(lines)
+    return "\n".join(f"cluster {row.cluster} ({row.size} image{'' if row.size == 1 else 's'}): {rule_line(row)}"
+                     for row in rules.itertuples(index=False))
 
 
 NEAREST_TRAINING = 3        # training images shown beside each cluster's medoid

@@ -1,5 +1,6 @@
 """explainModule: a rule per root-cause cluster over the simulator parameters, descriptions without them."""
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -195,3 +196,99 @@ def test_nearest_training_images_are_the_k_closest_heatmaps_over_all_batches():
         order = np.argsort(np.linalg.norm(train - centre, axis=1), kind="stable")[:3]
         assert found[cluster] == [keys[i] for i in order]
     assert found[1][0] == keys[7]
+
+
+def measured_case(seed, n=2000, error_rate=0.1, n_clusters=8):
+    """Test images with three measured, continuous properties (skewed, normal, uniform) and errors at random,
+    in random clusters: no parameter describes any cluster."""
+    rng = np.random.default_rng(seed)
+    images = [f"TestSet/c/{i:05d}.png" for i in range(n)]
+    params = pd.DataFrame({"image": images, "ink": rng.gamma(2, 0.05, n), "slant": rng.normal(0, 0.3, n),
+                           "height": rng.uniform(10, 20, n)})
+    wrong = rng.random(n) < error_rate
+    results = pd.DataFrame({"image": images, "result": np.where(wrong, "Wrong", "Correct")})
+    clusters = pd.DataFrame({"image": np.asarray(images)[wrong], "cluster": rng.integers(1, n_clusters + 1,
+                                                                                          wrong.sum())})
+    return params, clusters, results
+
+
+def test_a_cluster_planted_on_one_wide_interval_is_found():
+    params, clusters, results = measured_case(0)
+    slant = params.set_index("image")["slant"]
+    planted = slant.index[(slant > 0.2) & (slant <= 0.5)][:120]
+    results = results.assign(result=np.where(results["image"].isin(planted), "Wrong", "Correct"))
+    clusters = pd.DataFrame({"image": planted, "cluster": 1})
+    rules = em.cluster_rules(params, clusters, results)
+    conditions, row = conditions_of(rules, 1)
+    assert bool(row["found"]) and set(conditions) == {"slant"}
+    assert abs(conditions["slant"]["low"] - 0.2) < 0.03 and abs(conditions["slant"]["high"] - 0.5) < 0.03
+    assert row["recall"] > 0.9 and row["rejected"] == ""
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_clusters_on_continuous_parameters_get_no_simple_rule_and_no_sliver(seed):
+    params, clusters, results = measured_case(seed)
+    rules = em.cluster_rules(params, clusters, results)
+    assert not rules["found"].any(), rules.loc[rules["found"], "rule"].tolist()
+    assert (rules["rule"] == "").all() and rules["precision"].isna().all()
+    assert (rules["rejected"] != "").all() and rules["rejected_reason"].str.len().gt(0).all()
+    lines = em.format_rules(rules).splitlines()
+    for line, row in zip(lines, rules.itertuples()):
+        assert line.startswith(f"cluster {row.cluster} ({row.size} images): no simple rule (best: {row.rejected}, "
+                               f"recall {row.rejected_recall:.2f}; ")
+
+
+def test_the_floors_refuse_slivers_small_support_and_low_recall():
+    """The rules of the digits the floors were made for: one ink value, one or two of the cluster's images."""
+    params, clusters, results = measured_case(3, n_clusters=1)
+    ink = params.set_index("image")["ink"].sort_values()
+    sliver = ink.index[1000:1003]                     # three neighbouring ink values, a sliver of the range
+    results = results.assign(result=np.where(results["image"].isin(sliver), "Wrong", results["result"]))
+    clusters = pd.concat([clusters, pd.DataFrame({"image": sliver, "cluster": 2})], ignore_index=True)
+    loose = em.cluster_rules(params, clusters, results, min_support=0, min_support_share=0, min_width_share=0,
+                             min_recall=0, min_lift=0)
+    _, row = conditions_of(loose, 2)
+    assert row["found"] and row["matching"] < 5
+    _, row = conditions_of(em.cluster_rules(params, clusters, results), 2)
+    assert not row["found"] and row["rule"] == "" and row["rejected"]
+    support = em.cluster_rules(params, clusters, results, min_support=2000, min_width_share=0, min_recall=0,
+                               min_lift=0)
+    _, row = conditions_of(support, 2)
+    assert not row["found"] and "under the floor 2000" in row["rejected_reason"]
+    width = em.cluster_rules(params, clusters, results, min_support=0, min_support_share=0, min_width_share=10,
+                             min_recall=0, min_lift=0)
+    _, row = conditions_of(width, 2)
+    assert not row["found"] and re.search(r"spans \S+, under 1000% of its spread", row["rejected_reason"])
+    with pytest.raises(HUDDError, match="min_recall must be a number of 0 or more"):
+        em.cluster_rules(params, clusters, results, min_recall=-1)
+
+
+def test_rules_csv_fields(planted, tmp_path):
+    params, clusters, results, _ = planted
+    noise = results.loc[results["result"] == "Correct", "image"].iloc[:40]
+    results = results.assign(result=np.where(results["image"].isin(noise), "Wrong", results["result"]))
+    clusters = pd.concat([clusters, pd.DataFrame({"image": noise, "cluster": 3})], ignore_index=True)
+    rules = em.cluster_rules(params, clusters, results)
+    em.write_rules(tmp_path / "T", "Layer5", rules, None)
+    raw = pd.read_csv(em.rules_path(tmp_path / "T", "Layer5"), dtype=str, keep_default_na=False)
+    assert list(raw.columns) == ["cluster", "size", "found", "rule", "conditions", "precision", "recall", "coverage",
+                                 "matching", "rejected", "rejected_recall", "rejected_reason"]
+    found, missing = raw.set_index("cluster").loc["1"], raw.set_index("cluster").loc["3"]
+    assert found["found"] == "True" and found["rule"].startswith("a > ") and found["rejected"] == ""
+    assert json.loads(found["conditions"])[0]["parameter"] in {"a", "b"} and int(found["matching"]) > 0
+    assert missing["found"] == "False" and missing["rule"] == "" and missing["conditions"] == "[]"
+    assert missing[["precision", "recall", "coverage", "matching"]].tolist() == ["", "", "", ""]
+    assert missing["rejected"] and 0 <= float(missing["rejected_recall"]) <= 1 and missing["rejected_reason"]
+    back = em.read_rules(tmp_path / "T", "Layer5")
+    assert back["found"].tolist() == rules["found"].tolist()
+
+
+def test_a_rules_csv_from_before_the_floors_reads_as_found_where_it_has_a_rule(tmp_path):
+    folder = tmp_path / "T" / "ClusterAnalysis" / "Layer5"
+    folder.mkdir(parents=True)
+    pd.DataFrame({"cluster": [1, 2], "size": [9, 1], "rule": ["a > 0.5", ""], "conditions": ["[]", "[]"],
+                  "precision": [0.9, np.nan], "recall": [0.8, np.nan], "coverage": [0.1, np.nan],
+                  "matching": [30, np.nan]}).to_csv(folder / "rules.csv", index=False)
+    back = em.read_rules(tmp_path / "T", "Layer5")
+    assert list(back.columns) == em.RULE_COLUMNS and back["found"].tolist() == [True, False]
+    assert em.format_rules(back).splitlines()[1] == "cluster 2 (1 image): no rule for a single image; see its description"
