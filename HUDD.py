@@ -68,10 +68,12 @@ def parser():
                    help="-mode HUDD-U: the uncertainty that orders each cluster's candidates (default: GINI for a "
                         "classifier, MC-DROPOUT for a keypoint DNN)")
     p.add_argument("-rq", dest="rq", type=boolean, default=False, metavar="True|False",
-                   help="compute RQ1 from DataSets/params.csv")
-    p.add_argument("-step", dest="step", choices=[*Helper.STEPS, "robustness"],
+                   help="compute RQ1 and a rule per cluster from DataSets/params.csv, or from the measured image "
+                        "properties (T/properties.csv, measured first) when it is absent")
+    p.add_argument("-step", dest="step", choices=[*Helper.STEPS, "robustness", "properties"],
                    help="rerun this one step on the cached T/ folder (earlier missing steps run first); "
-                        "robustness: perturbation curves and, when asked, perturbed images (see --perturb-*)")
+                        "robustness: perturbation curves and, when asked, perturbed images (see --perturb-*); "
+                        "properties: measure T/properties.csv again (brightness, contrast, sharpness, ...)")
     p.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     p.add_argument("--workers", type=int, default=defaults.workers,

@@ -16,7 +16,7 @@ from common.files import content_hash, file_fingerprint, json_digest, tree_finge
 from pipeline.case import Case, error_images, heatmap_layers, selected_clusters
 from pipeline.options import Options
 from pipeline.stage import stage
-from pipeline.words import explain, rq1
+from pipeline.words import explain, parameters, properties, rq1
 
 STEPS = ("test", "heatmaps", "distances", "clusters", "assign", "retrain")
 MANIFEST_VERSION = 1
@@ -359,6 +359,9 @@ def run(case_dir, model_name="OriginalModel.pth", options=None, step=None, until
             if step == "robustness":
                 where.name = "robustness"
                 return {"robustness": robustness(case)}
+            if step == "properties":        # outside the steps' order and cache: its own fingerprint
+                where.name = "properties"
+                return {"properties": properties(case, force=True)}
             last = step or until or STEPS[-1]
             if last == "retrain":       # a mode the model cannot serve is refused before hours of heatmaps
                 import retrainModule
@@ -370,13 +373,15 @@ def run(case_dir, model_name="OriginalModel.pth", options=None, step=None, until
                 where.name = name
                 summaries[name] = run_step(case, name, force=(name == step))
                 if name == "clusters" and options.rq:
+                    where.name = "properties"
+                    table, source = parameters(case)
                     where.name = "rq1"
-                    found = rq1(case)
+                    found = rq1(case, table, source)
                     if found:
                         summaries[name] = {**summaries[name], "rq1_explained": found["explained_percent"],
                                            "rq1_inspected": found["inspected_percent"], "rq1": found}
                     where.name = "explain"
-                    summaries[name] = {**summaries[name], "rules": explain(case)}
+                    summaries[name] = {**summaries[name], "rules": explain(case, table, source)}
             return summaries
         finally:
             case.close()

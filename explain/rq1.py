@@ -1,7 +1,8 @@
-"""RQ1 of the HUDD paper: does a root-cause cluster capture one simulator condition?
+"""RQ1 of the HUDD paper: does a root-cause cluster capture one condition?
 
 A cluster is explained when some parameter varies much less inside it than over all clustered
-error images. Read from DataSets/params.csv, written to CASE/RQ1.xlsx and RQ1.csv.
+error images. Parameters come from DataSets/params.csv (a simulator's) or from the measured image
+properties (explain.properties.parameter_table); written to CASE/RQ1.xlsx and RQ1.csv.
 """
 from pathlib import Path
 
@@ -111,20 +112,24 @@ def rq1_summary(table, clusters, per_cluster=IMAGES_INSPECTED_PER_CLUSTER):
 
 
 def write_rq1(case_dir, images=None, labels=None, layer=None, per_cluster=IMAGES_INSPECTED_PER_CLUSTER,
-              params=None):
+              params=None, source=None):
     """CASE/RQ1.xlsx (sheets Clusters, Ratios, Summary) and CASE/RQ1.csv.
 
     The clusters are `images` with their `labels` when given, else T/ClusterAnalysis/<layer>/clusters.csv
-    of `layer` (default: the selected layer of summary.csv). Returns the summary dict (see
-    rq1_summary; format_rq1 makes it a console line), or None after printing why when
-    DataSets/params.csv is absent. Notes on skipped rows or columns are printed and kept under 'notes'.
+    of `layer` (default: the selected layer of summary.csv). The parameters are `params` when given (with
+    `source`, explain.properties.parameter_table's, kept in the summary), else DataSets/params.csv.
+    Returns the summary dict (see rq1_summary; format_rq1 makes it a console line), or None after printing
+    why when neither is there. Notes on skipped rows or columns are printed and kept under 'notes'.
     """
     case_dir = Path(case_dir)
     params_path = case_dir / "DataSets" / "params.csv"
-    if not params_path.is_file():
-        print(f"RQ1 not available: {params_path} not found (it needs a column 'image', the path relative to "
-              f"DataSets/, then one column per simulator parameter)")
-        return None
+    if params is None:
+        if not params_path.is_file():
+            print(f"RQ1 not available: {params_path} not found (it needs a column 'image', the path relative to "
+                  f"DataSets/, then one column per simulator parameter), and no measured properties were given "
+                  f"(-step properties)")
+            return None
+        params, source = read_params(params_path), source or "params"
     t_dir = case_dir / "T"
     if images is not None:
         if labels is None or len(labels) != len(images):
@@ -135,7 +140,6 @@ def write_rq1(case_dir, images=None, labels=None, layer=None, per_cluster=IMAGES
     else:
         layer = layer or best_layer_from_summary(t_dir)
         clusters = read_clusters(t_dir, layer)
-    params = read_params(params_path) if params is None else params
     notes = []
     table = rq1(params, clusters, notes)
     for note in notes:
@@ -143,7 +147,7 @@ def write_rq1(case_dir, images=None, labels=None, layer=None, per_cluster=IMAGES
     test_rows = params[params["image"].astype(str).str.startswith("TestSet/")]
     per = rq1_clusters(table, {p: pd.to_numeric(test_rows[p], errors="coerce").mean() for p in set(table["parameter"])})
     summary = rq1_summary(table, clusters, per_cluster)
-    summary.update({"layer": layer, "notes": notes})
+    summary.update({"layer": layer, "notes": notes, "source": source})
     with atomic_path(case_dir / "RQ1.xlsx") as tmp:
         with pd.ExcelWriter(tmp, engine="openpyxl") as writer:
             per.to_excel(writer, sheet_name="Clusters", index=False)
@@ -164,11 +168,16 @@ def read_params(params_path):
     return params
 
 
+SOURCES = {"params": "DataSets/params.csv", "properties": "measured image properties, T/properties.csv",
+           "params+properties": "DataSets/params.csv and measured image properties"}
+
+
 def format_rq1(summary):
     """The console lines for a write_rq1 summary."""
     if not summary:
         return "RQ1 not available (no DataSets/params.csv)"
-    return (f"RQ1 ({summary['layer']}): {summary['clusters']} root-cause clusters "
+    source = SOURCES.get(summary.get("source"))
+    return (f"RQ1 ({summary['layer']}{'; ' + source if source else ''}): {summary['clusters']} root-cause clusters "
             f"({summary['clusters_nonsingleton']} with 2+ images); {summary['explained']} of "
             f"{summary['clusters_with_parameters']} ({summary['explained_percent']:.1f}%) explained by a parameter "
             f"(variance ratio < {RQ1_EXPLAINED_RATIO}); inspecting {summary['per_cluster']} images per cluster "

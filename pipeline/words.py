@@ -1,25 +1,58 @@
-"""RQ1 and the clusters in words (-rq True): not cached steps, they take seconds and write into the
-clusters' folder files the step cache leaves out."""
+"""The measured properties, RQ1 and the clusters in words (-step properties, -rq True): not cached steps
+of the manifest. They take seconds (the properties keep their own fingerprint in T/properties.json) and
+write files the step cache leaves out, so no step's cache key depends on them."""
 from common.errors import HUDDError
 from pipeline.case import heatmap_layers, selected_clusters
 
 
-def rq1(case):
-    """RQ1 (-rq True) on the selected layer's clusters: CASE/RQ1.xlsx and RQ1.csv; the summary, or None
-    without DataSets/params.csv. Not a cached step: it takes a moment, and clusters need not rerun for it."""
+def properties(case, force=False):
+    """T/properties.csv for every image of every split, measured as the DNN sees them (its input size),
+    reused while its fingerprint matches unless `force`; prints its notes. Returns the step's summary."""
+    from common.data import ImageSpec
+    from explain.properties import properties_path, write_properties
+
+    _, meta = case.model
+    opts = case.options
+    frame, notes = write_properties(case.dir, spec=ImageSpec.from_meta(meta), splits=case.splits,
+                                    batch_size=opts.batch_size, workers=opts.workers, progress=opts.progress,
+                                    force=force)
+    for note in notes:
+        print(f"[properties] {note}")
+    names = [str(c) for c in frame.columns[1:]]
+    print(f"[properties] {len(names)} properties of {len(frame)} images in "
+          f"{properties_path(case.t).relative_to(case.dir)}")
+    return {"images": int(len(frame)), "properties": names}
+
+
+def parameters(case):
+    """(table, source) that RQ1 and the rules read (explain.properties.parameter_table): the properties are
+    measured first when DataSets/params.csv is absent, and refreshed when an earlier T/properties.csv
+    may be stale (a case with both reads params.csv's columns and the properties as prop_*)."""
+    from explain.properties import parameter_table, properties_path
+
+    if not (case.datasets / "params.csv").is_file() or properties_path(case.t).is_file():
+        properties(case)
+    return parameter_table(case.dir)
+
+
+def rq1(case, table=None, source=None):
+    """RQ1 (-rq True) on the selected layer's clusters over `table` (parameters(case)'s; DataSets/params.csv
+    when None): CASE/RQ1.xlsx and RQ1.csv; the summary, or None without parameters. Not a cached step: it
+    takes a moment, and clusters need not rerun for it."""
     import clusterModule
 
     layer, images, labels = selected_clusters(case)
-    summary = clusterModule.write_rq1(case.dir, images, labels, layer=layer)
+    summary = clusterModule.write_rq1(case.dir, images, labels, layer=layer, params=table, source=source)
     if summary:
         print(clusterModule.format_rq1(summary))      # the report follows with the clusters in words (explain)
     return summary
 
 
-def explain(case):
-    """The clusters in words (-rq True; not a cached step, seconds): with DataSets/params.csv a rule per
-    cluster over the parameters (rules.csv), and always a description (descriptions.csv: confusion, medoid).
-    Returns one entry per cluster: {"cluster", "size", "text"} (its console line)."""
+def explain(case, table=None, source=None):
+    """The clusters in words (-rq True; not a cached step, seconds): with parameters (`table`, from
+    parameters(case); DataSets/params.csv when None) a rule per cluster (rules.csv), and always a
+    description (descriptions.csv: confusion, medoid). Returns one entry per cluster:
+    {"cluster", "size", "text"} (its console line)."""
     import explainModule
     import report
     import pandas as pd
@@ -37,12 +70,14 @@ def explain(case):
     neighbours = _nearest_training(case, layer, medoids) if medoids else None
     descriptions = explainModule.describe_clusters(clusters, results, medoids, neighbours)
     params_path = case.datasets / "params.csv"
+    if table is None and params_path.is_file():
+        table, source = read_params(params_path), "params"
     rules = None
-    if params_path.is_file():
+    if table is not None:
         try:
-            rules = explainModule.cluster_rules(read_params(params_path), clusters, results)
-        except HUDDError as exc:        # RQ1 has said what is wrong with params.csv; descriptions still help
-            print(f"[explain] no rules over {params_path.name}: {exc}")
+            rules = explainModule.cluster_rules(table, clusters, results)
+        except HUDDError as exc:        # RQ1 has said what is wrong with the table; descriptions still help
+            print(f"[explain] no rules over {SOURCE_FILES.get(source, source)}: {exc}")
     explainModule.write_rules(case.t, layer, rules, descriptions)
     report.write_report(case.dir)
     table = rules if rules is not None else descriptions
@@ -52,6 +87,10 @@ def explain(case):
         print(f"[explain] {line}")
     return [{"cluster": int(c), "size": int(n), "text": line}
             for c, n, line in zip(table["cluster"], table["size"], lines)]
+
+
+SOURCE_FILES = {"params": "params.csv", "properties": "the measured properties (T/properties.csv)",
+                "params+properties": "params.csv and the measured properties"}
 
 
 def _nearest_training(case, layer, medoids):

@@ -161,13 +161,17 @@ def _words(t_dir, layer):
                     f"alt=\"{_e(i)}\" title=\"{_e(i)}\"></a>" for i in near))
             if lines:
                 words[int(row.cluster)] = lines
-    rules = try_read_table(folder / "rules.csv", text=("rule", "conditions"))
+    rules = try_read_table(folder / "rules.csv", text=("rule", "conditions", "rejected", "rejected_reason"))
     if rules is not None and {"cluster", "rule", "precision", "recall", "coverage"} <= set(rules.columns):
         for row in rules.itertuples():
             if str(row.rule):
                 words.setdefault(int(row.cluster), []).insert(0, (
                     f"<b>rule: {_e(row.rule)}</b> (precision {row.precision:.2f}, recall {row.recall:.2f}, "
                     f"{100 * row.coverage:.1f}% of the test set)"))
+            elif "rejected_recall" in rules.columns and row.size > 1:
+                from explain.rules import rule_line
+
+                words.setdefault(int(row.cluster), []).insert(0, f"<b>rule:</b> {_e(rule_line(row))}")
     return words
 
 
@@ -348,7 +352,14 @@ def _robustness_section(t_dir):
     return html
 
 
-def _facts(results, summary, best, rq1, unsafe, total):
+def _parameters_named(case, plural=False):
+    """What RQ1's parameters are, in words: a simulator's (DataSets/params.csv) or the measured properties."""
+    if (case / "DataSets" / "params.csv").is_file():
+        return "simulator parameters" if plural else "simulator parameter"
+    return "measured image properties" if plural else "measured image property"
+
+
+def _facts(results, summary, best, rq1, unsafe, total, parameters="simulator parameter"):
     """The page's first list: accuracy, best layer, RQ1 and the unsafe set, as far as they exist."""
     facts = []
     if results is not None and "result" in results.columns:
@@ -362,7 +373,7 @@ def _facts(results, summary, best, rq1, unsafe, total):
     if rq1 is not None and "explained" in rq1.columns and len(rq1):
         explained = int((rq1["explained"].astype(str).str.lower() == "true").sum())
         facts.append(f"RQ1: {explained} of {len(rq1)} clusters ({100.0 * explained / len(rq1):.1f}%) explained by a "
-                     f"simulator parameter")
+                     f"{parameters}")
     if unsafe is not None and total is not None and len(total):
         facts.append(f"unsafe set: {len(unsafe)} improvement images, <b>{100 * total['precision'].iloc[0]:.1f}%</b> "
                      f"of them errors of the DNN (improvement set: {100 * total['base_error_rate'].iloc[0]:.1f}%, "
@@ -453,7 +464,7 @@ def write_report(case_dir):
             f"<span id=image-check></span></p>"]
     total = precision[precision["cluster"].astype(str) == "all"] if precision is not None and \
         {"cluster", "precision", "base_error_rate"} <= set(precision.columns) else None
-    facts = _facts(results, summary, best, rq1, unsafe, total)
+    facts = _facts(results, summary, best, rq1, unsafe, total, _parameters_named(case))
     body.append("<ul class=facts>" + "".join(f"<li>{f}</li>" for f in facts) + "</ul>" if facts else
                 "<p class=note>Nothing computed yet: run HUDD.py on this folder.</p>")
     if best is not None:
@@ -462,7 +473,7 @@ def write_report(case_dir):
         body.append(_cluster_section(case, t_dir, best, labels, overlays, rq1_index, unsafe_counts))
     body.append("<h2>Layers and WICD curves</h2>" + _layers_section(t_dir, summary))
     if rq1 is not None:
-        body.append("<h2>RQ1: variance of simulator parameters per cluster</h2><p class=note>ratio = variance in "
+        body.append(f"<h2>RQ1: variance of {_parameters_named(case, plural=True)} per cluster</h2><p class=note>ratio = variance in "
                     "the cluster / variance over all clustered errors; explained when a ratio is below 0.5.</p>"
                     + _table(rq1))
     body += _unsafe_sections(unsafe, precision, total) + _retraining_sections(case, t_dir)

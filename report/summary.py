@@ -78,6 +78,11 @@ def _robustness_lines(robust):
     return lines
 
 
+def _properties_lines(props):
+    return [_row("properties", fit(f"{len(props['properties'])} measured for {props['images']} images in "
+                                   f"T/properties.csv: {', '.join(props['properties'])}"))]
+
+
 def _retrain_lines(retrain):
     """The mean gain and, with several repetitions, each one's (wrapped onto further lines when long)."""
     gains = retrain.get("gains") or []
@@ -95,7 +100,7 @@ def _retrain_lines(retrain):
     return lines
 
 
-SECTIONS = (("test", _test_lines), ("clusters", _cluster_lines), ("assign", _assign_lines),
+SECTIONS = (("test", _test_lines), ("properties", _properties_lines), ("clusters", _cluster_lines), ("assign", _assign_lines),
             ("robustness", _robustness_lines), ("retrain", _retrain_lines))
 
 
