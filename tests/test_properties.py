@@ -1,6 +1,8 @@
 """Measured image properties (explain/properties.py) on tiny generated images, and T/properties.csv."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -8,6 +10,7 @@ import pytest
 from PIL import Image
 
 from common.errors import HUDDError
+from conftest import ROOT, make_tiny_case
 from explain import properties as ep
 
 
@@ -137,3 +140,36 @@ def test_parameter_table_says_where_its_columns_come_from(tmp_path):
     pd.DataFrame({"image": ["TestSet/a/0.png"], "yaw": [3.0]}).to_csv(case / "DataSets" / "params.csv", index=False)
     table, source = ep.parameter_table(case)
     assert source == "params+properties" and {"yaw", "prop_brightness"} <= set(table.columns)
+
+
+def test_rq_true_without_params_measures_the_properties_and_step_properties_measures_them_again(tmp_path):
+    """-rq True on a case without params.csv: T/properties.csv, then RQ1 and the rules over it; -step
+    properties measures again even when the table is current, and leaves every step's cache as it was."""
+    case = make_tiny_case(tmp_path / "case")
+    hudd = [sys.executable, "HUDD.py", "-o", str(case), "-m", "OriginalModel.pth", "--no-progress"]
+    run = subprocess.run(hudd + ["-step", "clusters", "-rq", "True"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    table = pd.read_csv(case / "T" / "properties.csv")
+    images = sorted(str(p.relative_to(case / "DataSets")) for p in (case / "DataSets").rglob("*.png"))
+    assert sorted(table["image"]) == images and set(ep.property_names(3)) <= set(table.columns)
+    assert f"[properties] {len(ep.property_names(3))} properties of {len(images)} images in T/properties.csv" \
+        in run.stdout
+    assert "RQ1 (" in run.stdout and "measured image properties" in run.stdout and "RQ1 explained" in run.stdout
+    rq1 = pd.read_csv(case / "RQ1.csv")
+    assert len(rq1) and set(rq1["best_parameter"]) <= set(ep.property_names(3))
+    layer = json.loads((case / "T" / "manifest.json").read_text())["steps"]["clusters"]["summary"]["best_layer"]
+    rules = pd.read_csv(case / "T" / "ClusterAnalysis" / layer / "rules.csv", keep_default_na=False)
+    used = {c["parameter"] for text in rules["conditions"] if text for c in json.loads(text)}
+    assert used <= set(ep.property_names(3))
+    page = (case / "T" / "report.html").read_text(encoding="utf-8")
+    assert "variance of measured image properties per cluster" in page
+
+    manifest = (case / "T" / "manifest.json").read_text()
+    stamp = (case / "T" / "properties.json").stat().st_mtime_ns
+    again = subprocess.run(hudd + ["-step", "properties"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[properties] " in again.stdout and "properties" in again.stdout.split("HUDD summary")[1]
+    assert (case / "T" / "properties.json").stat().st_mtime_ns > stamp
+    assert pd.read_csv(case / "T" / "properties.csv").equals(table)
+    assert (case / "T" / "manifest.json").read_text() == manifest

@@ -127,6 +127,26 @@ def test_report_shows_optional_results_when_present(tmp_path):
     assert not [t for t, path in local_targets(page, case / "T") if not path.exists()]
 
 
+def test_a_cluster_without_a_rule_shows_its_best_rejected_candidate_and_why(tmp_path):
+    case, keys, results = build_case(tmp_path)
+    sizes = results["Layer2"]["sizes"]
+    found, missing = [int(c) + 1 for c in np.argsort(sizes)[::-1][:2]]
+    layer_dir = case / "T" / "ClusterAnalysis" / "Layer2"
+    pd.DataFrame({"cluster": [found, missing], "size": [int(sizes[found - 1]), int(sizes[missing - 1])],
+                  "found": [True, False], "rule": ["brightness > 0.41", ""], "conditions": ["[]", ""],
+                  "precision": [0.9, np.nan], "recall": [0.8, np.nan], "coverage": [0.05, np.nan],
+                  "matching": [12, 0], "rejected": ["", "0.12993 < ink <= 0.13016"], "rejected_recall": [np.nan, 0.12],
+                  "rejected_reason": ["", "matches under a third of the cluster"]}).to_csv(layer_dir / "rules.csv",
+                                                                                         index=False)
+    page = report.write_report(case).read_text(encoding="utf-8")
+    block = page.split(f'id="cluster-{found}"')[1].split("</section>")[0]
+    assert "<b>rule: brightness &gt; 0.41</b> (precision 0.90, recall 0.80, 5.0% of the test set)" in block
+    block = page.split(f'id="cluster-{missing}"')[1].split("</section>")[0]
+    assert ("no simple rule (best: 0.12993 &lt; ink &lt;= 0.13016, recall 0.12; matches under a third of the "
+            "cluster)") in block
+    assert "recall nan" not in block and "precision nan" not in block
+
+
 def test_report_before_any_step_says_nothing_computed(tmp_path):
     (tmp_path / "case" / "DataSets" / "TestSet" / "a").mkdir(parents=True)
     page = report.write_report(tmp_path / "case").read_text(encoding="utf-8")
