@@ -1,7 +1,9 @@
 """Built-in case studies: a case folder with data sets and a trained original DNN, from one command.
 
     python -m casestudies NAME -o CASE [--seed S] [--scale small|default] [--force] [--threads N]
-    casestudies.build(name, case_dir, seed=0, scale="default", progress=True, force=False, threads=None)
+                                       [--arch smallalexnet|smallalexnet-bn] [--design rarer|incomplete|oracle]
+    casestudies.build(name, case_dir, seed=0, scale="default", progress=True, force=False, threads=None,
+                      arch="smallalexnet", design="rarer")
 
 Data sets are written to CASE/.DataSets.building and renamed to CASE/DataSets with a .complete
 marker last, so a killed build is redone; complete data sets without a model resume at training.
@@ -27,7 +29,15 @@ Scales (images TrainingSet/TestSet/ImprovementSet; epochs):
   openclosed   default 14000/3000/12000, 6 epochs     small 320/120/240, 2 epochs
   fmnist       default 50000/10000/10000, 3 epochs    small 400/150/150, 2 epochs
 The DNN is SmallAlexNet (width 16, hidden 256) trained with Adam (lr 2e-3, cosine schedule) on the
-PNG files as written, read back through common.data.ImageSet, saved to DNNModels/OriginalModel.pth.
+PNG files as written, read back through common.data.ImageSet, saved to DNNModels/OriginalModel.pth
+with its eval-mode accuracy on TrainingSet (extra["train_accuracy"]). `--arch smallalexnet-bn` puts a
+BatchNorm after each convolution (openclosed then trains 10 epochs, ARCH_TRAINING). `--design`
+(gaze, openclosed) sets how rare the named conditions are in TrainingSet: rarer (the default, above),
+incomplete (each at 0.5%: conditions the DNN never learns, which retraining can add) or oracle (at
+TestSet's share: whether a DNN can learn them at all); TestSet and ImprovementSet are the same images
+in every design, and a design other than rarer writes the conditions as 0/1 columns of params.csv
+(``condition_<name>``; casestudies.conditions tabulates the error rate in each). Measured in
+results/case-design.md.
 
 Measured at default scale, seed 0, on 2 idle CPU cores (make demo, 2026-12-04): gaze writes its
 29,000 images in 33 s and trains in 174-221 s; test accuracy 82.93% (512 errors of 3000), the same
