@@ -53,7 +53,7 @@ def select_uncertain_first(keys, cluster_ids, distances, scores, cluster_labels,
     keys (M,), cluster_ids (K,), distances (M, K): the assign step's (assignModule.cluster_distances);
     scores (M,): uncertainty of each image in `keys` order, higher = more uncertain (uncertainty.align_scores);
     cluster_labels, factor: as select_closest (quota ceil(factor x |c|) for HUDD; default the original's 2).
-    rank is the order of selection, so retrainModule.balance_unsafe_set keeps the most uncertain
+    rank is the order of selection, so selection.modes.balance_unsafe_set keeps the most uncertain
     ceil(f x |c|) of each cluster; `distance` (to the cluster the image went to) keeps its bootstrap weights.
     """
     hudd = select_closest(keys, cluster_ids, np.asarray(distances, dtype=np.float64), cluster_labels, factor)
