@@ -47,6 +47,21 @@ def scenes_in_rule(conditions, n, task, seed, max_draws=MAX_DRAWS):
     return frame, draws
 
 
+def check_simulated(rules, source):
+    """Refuse rules over anything but the simulator's own parameters: measured image properties (T/properties.csv,
+    prop_* beside params.csv) or condition columns describe images, they cannot be fed to the renderer."""
+    import json
+
+    for row in rules.itertuples():
+        conditions = json.loads(row.conditions) if isinstance(row.conditions, str) else row.conditions
+        foreign = sorted({c["parameter"] for c in conditions} - set(eyes.PARAMETERS))
+        if foreign:
+            raise HUDDError(f"{source}: cluster {row.cluster}'s rule is on {', '.join(foreign)}, not a simulator "
+                            f"parameter (a measured image property or a condition column) the renderer can be set "
+                            f"to; use python HUDD.py -o CASE -step "
+                            f"robustness --perturb-improvement N for an improvement set of such data")
+
+
 def generate(case_dir, out_dir, per_cluster=100, seed=0, progress=True, task=None):
     """Write the improvement set of the rules of `case_dir` into `out_dir`; returns rules_used as a frame."""
     import clusterModule
@@ -70,6 +85,7 @@ def generate(case_dir, out_dir, per_cluster=100, seed=0, progress=True, task=Non
     if rules.empty:
         raise HUDDError(f"{explainModule.rules_path(t_dir, layer)}: no cluster has a rule; run "
                         f"python HUDD.py -o {case_dir} -rq True with DataSets/params.csv first")
+    check_simulated(rules, explainModule.rules_path(t_dir, layer))
     tables, used = [], []
     for row in rules.itertuples():
         scenes, draws = scenes_in_rule(row.conditions, per_cluster, task, [seed, SPLIT_ID, int(row.cluster)])

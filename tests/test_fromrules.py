@@ -71,3 +71,19 @@ def test_refuses_a_non_empty_output_and_a_case_without_rules(ruled_case, tmp_pat
         fromrules.generate(ruled_case, tmp_path / "full")
     with pytest.raises(HUDDError, match="not a built-in case study"):
         fromrules.generate(tmp_path / "full", tmp_path / "other")
+
+
+def test_refuses_rules_over_measured_properties_in_one_line():
+    """A rule on a measured property (or a prop_* column beside params.csv) cannot be fed to the simulator."""
+    from casestudies import fromrules
+
+    ok = pd.DataFrame({"cluster": [1], "conditions": [json.dumps(RULES[1])]})
+    fromrules.check_simulated(ok, "rules.csv")
+    for column in ("brightness", "prop_sharpness"):
+        measured = pd.DataFrame({"cluster": [1, 4], "conditions": [
+            json.dumps(RULES[1]), json.dumps([{"parameter": column, "low": 0.2, "high": None}])]})
+        with pytest.raises(HUDDError) as error:
+            fromrules.check_simulated(measured, "T/ClusterAnalysis/Layer9/rules.csv")
+        message = str(error.value)
+        assert "\n" not in message and f"cluster 4's rule is on {column}" in message
+        assert "rules.csv" in message and "--perturb-improvement" in message
