@@ -256,7 +256,7 @@ class _Worker:
         index = np.array([item[2] for item in items], dtype=np.int64)
         errors = np.array([item[3] for item in items], dtype=object)
         if job.kind == "distances":
-            from heatmapModule import layer_relevance
+            from lrp.engine import layer_relevance
 
             keep = np.flatnonzero(errors == "")
             if not len(keep):
