@@ -52,6 +52,7 @@ with other jobs, --threads 1 (openclosed before the split redesign, with 4,000 i
 import time
 from pathlib import Path
 
+from casestudies.designs import ARCHS, DEFAULT_ARCH, DEFAULT_DESIGN, DESIGNS  # noqa: F401
 from common.errors import HUDDError
 
 NAMES = ("gaze", "openclosed", "fmnist", "landmarks")
@@ -65,10 +66,6 @@ ARCH_TRAINING = {   # per case study, scale and --arch where it differs from TRA
     ("openclosed", "default", "smallalexnet-bn"): (10, 2e-3, 64),
 }
 NET_WIDTH, NET_HIDDEN = 16, 256
-ARCHS = {"smallalexnet": {}, "smallalexnet-bn": {"batchnorm": True}}   # --arch -> SmallAlexNet keywords
-DEFAULT_ARCH = "smallalexnet"
-DESIGNS = ("rarer", "incomplete", "oracle")     # how rare the named conditions are in TrainingSet (eyes.py)
-DEFAULT_DESIGN = "rarer"
 
 
 def build(name, case_dir, seed=0, scale="default", progress=True, force=False, threads=None,

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from casestudies import DEFAULT_DESIGN
+from casestudies.designs import DEFAULT_DESIGN
 from common.errors import HUDDError
 
 MARKER = ".complete"

@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
-from casestudies import DEFAULT_DESIGN
+from casestudies.designs import DEFAULT_DESIGN
 
 # Labels ------------------------------------------------------------------------------------------
 GAZE_SECTORS = ("MiddleRight", "TopRight", "TopCenter", "TopLeft",
