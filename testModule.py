@@ -303,12 +303,12 @@ def keypoint_frame(images, truth, predicted, names, components, threshold=DEFAUL
                                 np.where((errors[:, idx] > threshold).any(1), ERROR_FLAG, OK_FLAG), "")
                     for j, (c, idx) in enumerate(components.items())}
     kp_columns = {name: errors[:, i] for i, name in enumerate(names)}
-    pred_columns = {f"pred_{col}": predicted.reshape(len(images), -1)[:, j]
-                    for j, col in enumerate(label_columns(names))}
+    pred_columns = {col: predicted.reshape(len(images), -1)[:, j] for j, col in enumerate(predicted_columns(names))}
     return pd.concat([frame, pd.DataFrame(comp_columns), pd.DataFrame(kp_columns), pd.DataFrame(pred_columns)], axis=1)
 
 
 def predicted_columns(names):
+    """The result CSVs' columns of the predicted coordinates, in label_columns' order."""
     return [f"pred_{col}" for col in label_columns(names)]
 
 
